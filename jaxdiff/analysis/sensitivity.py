@@ -1,0 +1,319 @@
+"""Sensitivity of per-example difficulty to the architecture: per-example tests between ensembles.
+
+Welch t-tests and studentized permutation tests vectorised over examples, effect sizes, Bonferroni and
+Benjamini-Hochberg corrections, and rankings of examples (Kwok et al. 2024, arXiv 2401.01867, Sec. 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Mapping
+
+import numpy as np
+import scipy.special
+import scipy.stats
+
+from jaxdiff.analysis.reliability import check_scores
+
+LN10 = math.log(10.0)
+
+
+def _pair(a, b):
+  a = check_scores(a, "a")
+  b = check_scores(b, "b")
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"a and b must cover the same examples, got shapes {a.shape} and {b.shape}")
+  return a, b
+
+
+def log_t_sf(t: np.ndarray, df: np.ndarray) -> np.ndarray:
+  """Natural log of the Student-t survival function P(T > t), finite far beyond float64's p range.
+
+  scipy's `t.logsf` returns -inf once the p-value underflows (|t| of a few hundred); there the
+  leading tail term is used: log sf(t) = log c + ((df + 1) / 2 - 1) log df - df log t, with
+  c = Gamma((df + 1) / 2) / (sqrt(df pi) Gamma(df / 2)) (the t density integrated as a power law).
+  """
+  t = np.asarray(t, np.float64)
+  df = np.broadcast_to(np.asarray(df, np.float64), t.shape)
+  out = np.asarray(scipy.stats.t.logsf(t, df), np.float64)
+  far = np.isneginf(out) & np.isfinite(t) & (t > 0)
+  if far.any():
+    v, x = df[far], t[far]
+    log_c = scipy.special.gammaln((v + 1) / 2) - scipy.special.gammaln(v / 2) - 0.5 * np.log(v * np.pi)
+    out[far] = log_c + ((v + 1) / 2 - 1) * np.log(v) - v * np.log(x)
+  return out
+
+
+@dataclasses.dataclass
+class WelchResult:
+  """Per-example Welch t-test of a against b (a - b), all `[N]` float64.
+
+  Attributes:
+    t: Welch's t = (mean_a - mean_b) / sqrt(var_a / n_a + var_b / n_b) (Welch 1947).
+    df: Welch-Satterthwaite degrees of freedom.
+    log10_p: log10 of the two-sided p-value (kept in log space: p underflows for strong effects).
+    mean_diff: mean_a - mean_b.
+    hedges_g: Hedges' g, the bias-corrected standardized mean difference (`hedges_g`).
+  Examples constant in both ensembles get t = 0 and p = 1 if their means agree, else t = +-inf, p = 0.
+  """
+  t: np.ndarray
+  df: np.ndarray
+  log10_p: np.ndarray
+  mean_diff: np.ndarray
+  hedges_g: np.ndarray
+
+  @property
+  def p(self) -> np.ndarray:
+    return 10.0**self.log10_p
+
+
+def _moments(x):
+  return x.shape[0], x.mean(axis=0, dtype=np.float64), x.var(axis=0, ddof=1, dtype=np.float64)
+
+
+def _effect(na, ma, va, nb, mb, vb, corrected):
+  diff = ma - mb
+  sp = np.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    d = np.where(sp > 0, diff / np.where(sp > 0, sp, 1.0),
+                 np.where(diff == 0, 0.0, np.sign(diff) * np.inf))
+  if corrected:
+    d = d * (1.0 - 3.0 / (4.0 * (na + nb) - 9.0))
+  return d
+
+
+def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Cohen's d per example: (mean_a - mean_b) / s_pooled, s_pooled^2 = ((n_a-1) s_a^2 + (n_b-1) s_b^2) /
+  (n_a + n_b - 2) (Cohen 1988, eq. 2.5.2). a: `[R_a, N]`, b: `[R_b, N]`; returns `[N]`."""
+  a, b = _pair(a, b)
+  return _effect(*_moments(a), *_moments(b), corrected=False)
+
+
+def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Hedges' g per example: Cohen's d times J = 1 - 3 / (4 (n_a + n_b) - 9), the small-sample bias
+  correction of Hedges (1981). a: `[R_a, N]`, b: `[R_b, N]`; returns `[N]`."""
+  a, b = _pair(a, b)
+  return _effect(*_moments(a), *_moments(b), corrected=True)
+
+
+def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
+  """Two-sided Welch t-test of equal means for every example at once (Welch 1947).
+
+  Matches `scipy.stats.ttest_ind(a, b, equal_var=False)` where both are defined.
+
+  Args:
+    a: `[R_a, N]` scores of ensemble A (R_a >= 2 runs).
+    b: `[R_b, N]` scores of ensemble B.
+
+  Returns:
+    A `WelchResult` with `[N]` arrays.
+  """
+  a, b = _pair(a, b)
+  na, ma, va = _moments(a)
+  nb, mb, vb = _moments(b)
+  sa, sb = va / na, vb / nb
+  se2 = sa + sb
+  diff = ma - mb
+  pos = se2 > 0
+  with np.errstate(divide="ignore", invalid="ignore"):
+    t = np.where(pos, diff / np.sqrt(np.where(pos, se2, 1.0)),
+                 np.where(diff == 0, 0.0, np.sign(diff) * np.inf))
+    df = np.where(pos, se2**2 / (sa**2 / (na - 1) + sb**2 / (nb - 1)), float(na + nb - 2))
+  log10_p = np.minimum((math.log(2.0) + log_t_sf(np.abs(t), df)) / LN10, 0.0)
+  return WelchResult(t=t, df=df, log10_p=log10_p, mean_diff=diff,
+                     hedges_g=_effect(na, ma, va, nb, mb, vb, corrected=True))
+
+
+def permutation_groups(num_runs: int, size_a: int, num_permutations: int, seed: int = 0) -> np.ndarray:
+  """Group-A indicators `[P + 1, num_runs]` float32: row 0 the observed split (first size_a runs),
+  rows 1..P uniform random relabellings (drawn with `numpy.random.default_rng(seed)`)."""
+  rng = np.random.default_rng(seed)
+  g = np.zeros((num_permutations + 1, num_runs), np.float32)
+  g[0, :size_a] = 1.0
+  if num_permutations:
+    g[1:] = np.argsort(rng.random((num_permutations, num_runs)), axis=1) < size_a
+  return g
+
+
+def permutation_test(a: np.ndarray, b: np.ndarray, num_permutations: int = 1000, *, seed: int = 0,
+                     chunk_size: int = 8192, rtol: float = 1e-4) -> np.ndarray:
+  """Two-sided studentized permutation test of equal means, per example (vectorised over examples).
+
+  The statistic is Welch's t, recomputed for P random relabellings of the R_a + R_b runs (the same
+  relabellings for every example); the studentized statistic keeps the test valid asymptotically even
+  when the variances differ (Janssen 1997), and exact under exchangeability. The p-value is
+  (1 + #{|t_perm| >= |t_obs|}) / (P + 1) (Phipson & Smyth 2010), so it is never below 1 / (P + 1):
+  reaching Bonferroni at level alpha over N examples needs P + 1 > N / alpha. Group sums come from one
+  float32 matmul per chunk of examples; |t_perm| within a relative `rtol` of |t_obs| counts as reaching
+  it (float32 rounding; conservative).
+
+  Args:
+    a: `[R_a, N]`; b: `[R_b, N]` (at least 2 runs each).
+    num_permutations: P.
+    seed: seed of the relabellings (`permutation_groups`).
+    chunk_size: examples per matmul (memory ~ 3 (P + 1) chunk_size floats).
+    rtol: tie tolerance.
+
+  Returns:
+    float64 `[N]` p-values.
+  """
+  a, b = _pair(a, b)
+  if num_permutations < 1:
+    raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
+  na, nb = a.shape[0], b.shape[0]
+  x = np.concatenate([a, b]).astype(np.float64)
+  # Centring per example is invariant under relabelling and removes the cancellation in sum(x^2).
+  x = (x - x.mean(axis=0)).astype(np.float32)
+  g = permutation_groups(na + nb, na, num_permutations, seed)
+  n = x.shape[1]
+  count = np.empty(n, np.int64)
+  for lo in range(0, n, chunk_size):
+    xc = x[:, lo:lo + chunk_size]
+    tot, tot2 = xc.sum(0), (xc * xc).sum(0)
+    sa, sa2 = g @ xc, g @ (xc * xc)
+    sb, sb2 = tot - sa, tot2 - sa2
+    va = np.maximum(sa2 - sa * sa / na, 0.0) / (na - 1)
+    vb = np.maximum(sb2 - sb * sb / nb, 0.0) / (nb - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      t = np.abs(sa / na - sb / nb) / np.sqrt(va / na + vb / nb)
+    t = np.nan_to_num(t, nan=0.0)
+    count[lo:lo + chunk_size] = (t[1:] >= t[0] * (1.0 - rtol)).sum(0)
+  return (1.0 + count) / (num_permutations + 1.0)
+
+
+def bonferroni_mask(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
+  """Bool: p <= alpha / m, m = number of p-values along the last axis (Bonferroni; Dunn 1961)."""
+  p = np.asarray(p, np.float64)
+  return p <= _check_alpha(alpha) / p.shape[-1]
+
+
+def bh_adjust(p: np.ndarray) -> np.ndarray:
+  """Benjamini-Hochberg adjusted p-values along the last axis (Benjamini & Hochberg 1995).
+
+  adj_(i) = min_{j >= i} min(1, m p_(j) / j) for sorted p; same as
+  `scipy.stats.false_discovery_control(p, method="bh")`.
+  """
+  p = np.asarray(p, np.float64)
+  m = p.shape[-1]
+  order = np.argsort(p, axis=-1)
+  adj = np.take_along_axis(p, order, axis=-1) * m / np.arange(1, m + 1)
+  adj = np.minimum(np.flip(np.minimum.accumulate(np.flip(adj, -1), axis=-1), -1), 1.0)
+  out = np.empty_like(adj)
+  np.put_along_axis(out, order, adj, axis=-1)
+  return out
+
+
+def bh_mask(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
+  """Bool: discoveries of the Benjamini-Hochberg step-up procedure at FDR `alpha` (last axis)."""
+  return bh_adjust(p) <= _check_alpha(alpha)
+
+
+def bh_threshold(p: np.ndarray, alpha: float = 0.05) -> float:
+  """The BH critical p-value for a 1-D `p`: the largest p_(k) <= k alpha / m, or alpha / m (the
+  smallest possible critical value, for drawing) when nothing is significant."""
+  p = np.sort(np.asarray(p, np.float64).ravel())
+  m = p.size
+  ok = np.nonzero(p <= np.arange(1, m + 1) * _check_alpha(alpha) / m)[0]
+  return float(p[ok[-1]]) if ok.size else alpha / m
+
+
+def _check_alpha(alpha):
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+  return alpha
+
+
+@dataclasses.dataclass
+class PairwiseSensitivity:
+  """Per-example tests between every pair of architectures, for one score.
+
+  Attributes:
+    archs: architecture names; pairs: list of (arch_a, arch_b), a before b in `archs`.
+    t, df, log10_p, mean_diff, hedges_g: `[P, N]` Welch results per pair (see `WelchResult`).
+    perm_p: `[P, N]` permutation-test p-values, or None when not computed.
+    num_permutations: P used for perm_p (0 if none).
+    alpha: level for Bonferroni (family-wise, over the N examples of one pair) and BH (FDR, same
+      family). Pairs are separate families.
+  """
+  archs: list
+  pairs: list
+  t: np.ndarray
+  df: np.ndarray
+  log10_p: np.ndarray
+  mean_diff: np.ndarray
+  hedges_g: np.ndarray
+  perm_p: np.ndarray | None
+  num_permutations: int
+  alpha: float
+
+  @property
+  def num_examples(self) -> int:
+    return self.t.shape[1]
+
+  @property
+  def neg_log10_p(self) -> np.ndarray:
+    return -self.log10_p
+
+  def bonferroni(self) -> np.ndarray:
+    """`[P, N]` bool, p <= alpha / N, compared in log space (p may underflow)."""
+    return self.log10_p <= math.log10(self.alpha) - math.log10(self.num_examples)
+
+  def bh(self) -> np.ndarray:
+    """`[P, N]` bool, Benjamini-Hochberg discoveries per pair at FDR alpha."""
+    return bh_mask(10.0**self.log10_p, self.alpha)
+
+  def counts(self) -> list[dict]:
+    """Rows {arch_a, arch_b, examples, bonferroni, bh[, perm_bonferroni, perm_bh]}: numbers of
+    examples significantly sensitive for each pair."""
+    bonf, bh = self.bonferroni(), self.bh()
+    rows = []
+    for i, (x, y) in enumerate(self.pairs):
+      row = dict(arch_a=x, arch_b=y, examples=self.num_examples, alpha=self.alpha,
+                 bonferroni=int(bonf[i].sum()), bh=int(bh[i].sum()))
+      if self.perm_p is not None:
+        row.update(permutations=self.num_permutations,
+                   perm_bonferroni=int(bonferroni_mask(self.perm_p[i], self.alpha).sum()),
+                   perm_bh=int(bh_mask(self.perm_p[i], self.alpha).sum()))
+      rows.append(row)
+    return rows
+
+  def example_sensitivity(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example: max over pairs of -log10 p `[N]`, max |Hedges' g| `[N]`, pair index of the max."""
+    nlp = self.neg_log10_p
+    at = np.argmax(nlp, axis=0)
+    return nlp.max(axis=0), np.abs(self.hedges_g).max(axis=0), at
+
+  def ranking(self) -> np.ndarray:
+    """Example indices `[N]`, most architecture-sensitive first: by max -log10 p over pairs, ties (e.g.
+    p underflowing for several examples) broken by max |Hedges' g|."""
+    nlp, g, _ = self.example_sensitivity()
+    return np.lexsort((-g, -nlp))
+
+
+def pairwise_sensitivity(scores_by_arch: Mapping[str, np.ndarray], *, alpha: float = 0.05,
+                         num_permutations: int = 0, seed: int = 0) -> PairwiseSensitivity:
+  """Welch t-tests (and optionally permutation tests) of one score between all architecture pairs.
+
+  Args:
+    scores_by_arch: arch -> `[R_arch, N]` scores of one score name on the same examples (>= 2 archs).
+    alpha: significance level for the corrections.
+    num_permutations: P > 0 adds `permutation_test` p-values (cost ~ P (R_a + R_b) N per pair).
+    seed: permutation seed.
+  """
+  _check_alpha(alpha)
+  archs = list(scores_by_arch)
+  if len(archs) < 2:
+    raise ValueError(f"sensitivity needs at least 2 architectures, got {archs}")
+  pairs = list(itertools.combinations(archs, 2))
+  res = [welch_t_test(scores_by_arch[x], scores_by_arch[y]) for x, y in pairs]
+  perm = None
+  if num_permutations:
+    perm = np.stack([permutation_test(scores_by_arch[x], scores_by_arch[y], num_permutations,
+                                      seed=seed + i) for i, (x, y) in enumerate(pairs)])
+  stack = lambda f: np.stack([getattr(r, f) for r in res])
+  return PairwiseSensitivity(archs=archs, pairs=pairs, t=stack("t"), df=stack("df"),
+                             log10_p=stack("log10_p"), mean_diff=stack("mean_diff"),
+                             hedges_g=stack("hedges_g"), perm_p=perm,
+                             num_permutations=int(num_permutations), alpha=alpha)

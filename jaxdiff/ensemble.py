@@ -1,0 +1,384 @@
+"""The ensemble engine: R members stacked on a leading axis, one jitted step over all of them.
+
+Holds the member state, stacked initialisation, the pure per-member train step (with divergence
+masking), the ways of running members (vmap, or a loop of per-member compiled steps where that
+measures faster), epoch execution (`lax.scan` or step by step) and sharding of the runs axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdiff import data as data_lib
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+MEMBER_STRATEGIES = ("auto", "vmap", "loop")
+EPOCH_LOOPS = ("auto", "scan", "python")
+
+
+@flax.struct.dataclass
+class MemberState:
+  """Training state of one member, or of all members stacked on a leading `[R]` axis.
+
+  Attributes:
+    params: model parameters.
+    batch_stats: batch-norm running statistics (`{}` for models without batch norm).
+    opt_state: Optax state (holds the step count used by learning-rate schedules).
+    diverged: bool, True once the member's loss or parameters became non-finite.
+    diverged_step: int32, the global step at which it diverged (-1 if it has not).
+  """
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  diverged: jax.Array
+  diverged_step: jax.Array
+
+
+def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int, num_epochs: int
+                   ) -> optax.GradientTransformation:
+  """Optax optimiser from the `optim` config section.
+
+  Fields: `name` (sgd|adam|adamw), `lr`, `momentum` (sgd), `nesterov`, `weight_decay` (added to the
+  gradient as in PyTorch's SGD; decoupled for adamw), `schedule` (constant|step|cosine),
+  `milestones` (fractions of training for "step", default (0.5, 0.75)), `decay_factor` (0.1),
+  `warmup_epochs`.
+  """
+  name = config.get("name", "sgd")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimiser {name!r}; valid: {', '.join(OPTIMIZERS)}")
+  lr = float(config.get("lr", 0.1))
+  if not lr > 0:
+    raise ValueError(f"optim.lr={lr}: must be positive")
+  total = max(1, steps_per_epoch * num_epochs)
+  schedule = config.get("schedule", "constant")
+  if schedule == "constant":
+    sched = optax.constant_schedule(lr)
+  elif schedule == "step":
+    milestones = config.get("milestones", (0.5, 0.75))
+    factor = float(config.get("decay_factor", 0.1))
+    sched = optax.piecewise_constant_schedule(
+        lr, {int(round(m * total)): factor for m in milestones})
+  elif schedule == "cosine":
+    sched = optax.cosine_decay_schedule(lr, total)
+  else:
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+  warmup = int(config.get("warmup_epochs", 0) or 0) * steps_per_epoch
+  if warmup:
+    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
+  wd = float(config.get("weight_decay", 0.0) or 0.0)
+  if wd < 0:
+    raise ValueError(f"optim.weight_decay={wd}: must be >= 0")
+  if name == "sgd":
+    momentum = float(config.get("momentum", 0.9))
+    tx = optax.sgd(sched, momentum=momentum or None, nesterov=bool(config.get("nesterov", False)))
+    return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+  if name == "adam":
+    tx = optax.adam(sched)
+    return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+  return optax.adamw(sched, weight_decay=wd)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _has_conv(params) -> bool:
+  return any(x.ndim >= 3 for x in jax.tree_util.tree_leaves(params))
+
+
+@dataclasses.dataclass
+class Engine:
+  """Trains R members of one architecture at once.
+
+  Attributes:
+    model: a Flax module following the jaxdiff model contract (returns `(logits, out)`).
+    tx: Optax optimiser (the same for every member).
+    augment: apply the CIFAR crop+flip augmentation to images inside the step.
+    member_strategy: "vmap" (one vmapped program) or "loop" (a loop of per-member compiled steps;
+      on CPU a vmapped convolution is a slow grouped convolution); "auto" picks per backend and
+      architecture (see `resolve_strategy`).
+    epoch_loop: "scan" (an epoch in one `lax.scan`) or "python" (one call per step); "auto" picks.
+    mesh: optional 1-D mesh with axis "runs"; the runs axis of every state leaf is sharded on it.
+  """
+  model: nn.Module
+  tx: optax.GradientTransformation
+  augment: bool = False
+  member_strategy: str = "auto"
+  epoch_loop: str = "auto"
+  mesh: Mesh | None = None
+
+  def __post_init__(self):
+    if self.member_strategy not in MEMBER_STRATEGIES:
+      raise ValueError(f"unknown member_strategy {self.member_strategy!r}; valid: "
+                       f"{', '.join(MEMBER_STRATEGIES)}")
+    if self.epoch_loop not in EPOCH_LOOPS:
+      raise ValueError(f"unknown epoch_loop {self.epoch_loop!r}; valid: {', '.join(EPOCH_LOOPS)}")
+    self._compiled = {}
+
+  # ------------------------------------------------------------------ init
+
+  def init(self, init_keys: jax.Array, example_x: np.ndarray) -> MemberState:
+    """Initialises one member per key, each from its own key.
+
+    Args:
+      init_keys: `[R]` PRNG keys.
+      example_x: `[B, ...]` a batch of inputs (shapes only).
+    Returns:
+      MemberState with a leading `[R]` axis on every leaf.
+    """
+    x = jnp.asarray(example_x[:1])
+
+    def init_one(key):
+      variables = self.model.init(key, x, train=False)
+      params = variables["params"]
+      return MemberState(params=params, batch_stats=variables.get("batch_stats", {}),
+                         opt_state=self.tx.init(params), diverged=jnp.array(False),
+                         diverged_step=jnp.array(-1, jnp.int32))
+    state = jax.jit(jax.vmap(init_one))(init_keys)
+    self._resolve(state.params)
+    return self.shard(state)
+
+  def _resolve(self, stacked_params):
+    backend = jax.default_backend()
+    conv = _has_conv(jax.tree_util.tree_map(lambda a: a[0], stacked_params))
+    self.resolved_member_strategy, self.resolved_epoch_loop = resolve_strategy(
+        self.member_strategy, self.epoch_loop, backend, conv)
+    if self.mesh is not None and self.resolved_member_strategy == "loop":
+      self.resolved_member_strategy = "vmap"  # sharding needs one program over the runs axis
+
+  def shard(self, tree):
+    """Places the leading runs axis of every leaf on the mesh (no-op without a mesh)."""
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, NamedSharding(self.mesh, P("runs")))
+
+  def replicate(self, tree):
+    if self.mesh is None:
+      return jax.device_put(tree)
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+  # ------------------------------------------------------------------ the step
+
+  def variables(self, st: MemberState) -> dict:
+    v = {"params": st.params}
+    if st.batch_stats:
+      v["batch_stats"] = st.batch_stats
+    return v
+
+  def member_step(self, st: MemberState, x_all, y_all, idx, aug_key, step):
+    """One SGD step of one member on the examples `idx` (`[B]`) of (`x_all`, `y_all`).
+
+    A member whose loss or new parameters are non-finite keeps its previous state and is marked
+    diverged; members are independent, so this never affects the others.
+
+    Returns:
+      (new state, {"loss": [B] per-example loss, "correct": [B] bool}).
+    """
+    x = x_all[idx]
+    y = y_all[idx]
+    if self.augment and x.ndim == 4:
+      x = data_lib.augment_images(jax.random.fold_in(aug_key, step), x)
+    has_bn = bool(st.batch_stats)
+
+    def loss_fn(params):
+      v = {"params": params}
+      if has_bn:
+        v["batch_stats"] = st.batch_stats
+        (logits, _), upd = self.model.apply(v, x, train=True, mutable=["batch_stats"])
+        new_bs = upd["batch_stats"]
+      else:
+        logits, _ = self.model.apply(v, x, train=True)
+        new_bs = st.batch_stats
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return losses.mean(), (losses, logits, new_bs)
+
+    (loss, (losses, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    updates, new_opt = self.tx.update(grads, st.opt_state, st.params)
+    new_params = optax.apply_updates(st.params, updates)
+    ok = jnp.isfinite(loss) & _all_finite(new_params) & ~st.diverged
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    newly = ~ok & ~st.diverged
+    new_state = MemberState(
+        params=keep(new_params, st.params), batch_stats=keep(new_bs, st.batch_stats),
+        opt_state=keep(new_opt, st.opt_state), diverged=st.diverged | newly,
+        diverged_step=jnp.where(newly, jnp.asarray(step, jnp.int32), st.diverged_step))
+    return new_state, {"loss": losses, "correct": jnp.argmax(logits, -1) == y}
+
+  # ------------------------------------------------------------------ an epoch
+
+  def train_epoch(self, state: MemberState, x_all, y_all, idx: jax.Array, aug_keys: jax.Array,
+                  step0: int):
+    """Runs one epoch for every member.
+
+    Args:
+      state: stacked MemberState `[R]`.
+      x_all, y_all: the training set on device, `[N, ...]` and `[N]`.
+      idx: int32 `[R, S, B]`, each member's batches for this epoch.
+      aug_keys: `[R]` augmentation keys.
+      step0: global step of the first batch.
+    Returns:
+      (state, {"loss": [R, S, B], "correct": [R, S, B]}) as the members saw their batches.
+    """
+    if self.resolved_member_strategy == "vmap":
+      if self.resolved_epoch_loop == "scan":
+        fn = self._get("vmap_scan", self._vmap_scan_fn)
+        return fn(state, x_all, y_all, idx, aug_keys, jnp.int32(step0))
+      fn = self._get("vmap_step", self._vmap_step_fn)
+      outs = []
+      for s in range(idx.shape[1]):
+        state, out = fn(state, x_all, y_all, idx[:, s], aug_keys, jnp.int32(step0 + s))
+        outs.append(out)
+      return state, jax.tree_util.tree_map(lambda *a: jnp.stack(a, 1), *outs)
+    return self._loop_epoch(state, x_all, y_all, idx, aug_keys, step0)
+
+  def _get(self, name, builder):
+    if name not in self._compiled:
+      self._compiled[name] = builder()
+    return self._compiled[name]
+
+  def _vmap_step_fn(self):
+    step = jax.vmap(self.member_step, in_axes=(0, None, None, 0, 0, None))
+    return jax.jit(step, donate_argnums=(0,))
+
+  def _vmap_scan_fn(self):
+    vstep = jax.vmap(self.member_step, in_axes=(0, None, None, 0, 0, None))
+
+    def epoch(state, x_all, y_all, idx, aug_keys, step0):
+      def body(st, inp):
+        idx_s, s = inp
+        return vstep(st, x_all, y_all, idx_s, aug_keys, step0 + s)
+      steps = jnp.arange(idx.shape[1], dtype=jnp.int32)
+      state, out = jax.lax.scan(body, state, (jnp.swapaxes(idx, 0, 1), steps))
+      return state, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), out)
+    return jax.jit(epoch, donate_argnums=(0,))
+
+  def _member_fn(self):
+    """One member's step, or (epoch_loop="scan") one member's epoch, jitted once."""
+    if self.resolved_epoch_loop == "scan":
+      def epoch(st, x_all, y_all, idx, aug_key, step0):
+        def body(s_, inp):
+          idx_s, s = inp
+          return self.member_step(s_, x_all, y_all, idx_s, aug_key, step0 + s)
+        steps = jnp.arange(idx.shape[0], dtype=jnp.int32)
+        return jax.lax.scan(body, st, (idx, steps))
+      return jax.jit(epoch, donate_argnums=(0,))
+
+    def step(st, x_all, y_all, idx, s, aug_key, step0):
+      return self.member_step(st, x_all, y_all, idx[s], aug_key, step0 + s)
+    return jax.jit(step, donate_argnums=(0,))
+
+  def _loop_epoch(self, state, x_all, y_all, idx, aug_keys, step0):
+    fn = self._get("member", self._member_fn)
+    num_runs, num_steps = idx.shape[:2]
+    step0 = jnp.int32(step0)
+    members, outs = [], []
+    for r in range(num_runs):
+      st = jax.tree_util.tree_map(lambda a: a[r], state)  # pylint: disable=cell-var-from-loop
+      idx_r, key_r = idx[r], aug_keys[r]
+      if self.resolved_epoch_loop == "scan":
+        st, out = fn(st, x_all, y_all, idx_r, key_r, step0)
+      else:
+        steps = []
+        for s in range(num_steps):
+          st, o = fn(st, x_all, y_all, idx_r, jnp.int32(s), key_r, step0)
+          steps.append(o)
+        out = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *steps)
+      members.append(st)
+      outs.append(out)
+    stack = lambda *a: jnp.stack(a)
+    return (jax.tree_util.tree_map(stack, *members), jax.tree_util.tree_map(stack, *outs))
+
+  # ------------------------------------------------------------------ evaluation
+
+  def apply_fn(self, variables, x):
+    """Evaluation-mode forward pass of one member: `(logits [B, C], out)`."""
+    return self.model.apply(variables, x, train=False)
+
+  def logits(self, state: MemberState, x: np.ndarray | jax.Array, chunk_size: int = 1024
+             ) -> jax.Array:
+    """Evaluation logits of every member on every example, in fixed-size jitted chunks.
+
+    Returns:
+      float32 `[R, N, C]`.
+    """
+    n = x.shape[0]
+    chunk = min(chunk_size, n)
+    num_chunks = -(-n // chunk)
+    pad = num_chunks * chunk - n
+    xp = jnp.asarray(x)
+    if pad:
+      xp = jnp.concatenate([xp, jnp.zeros((pad,) + xp.shape[1:], xp.dtype)])
+    variables = self.variables(state)
+    if self.resolved_member_strategy == "loop" and self.mesh is None:
+      fn = self._get("eval_member", lambda: jax.jit(lambda v, xc: self.apply_fn(v, xc)[0]))
+      num_runs = state.diverged.shape[0]
+      per_member = []
+      for r in range(num_runs):
+        v = jax.tree_util.tree_map(lambda a: a[r], variables)  # pylint: disable=cell-var-from-loop
+        per_member.append(jnp.concatenate(
+            [fn(v, xp[i * chunk:(i + 1) * chunk]) for i in range(num_chunks)]))
+      out = jnp.stack(per_member)
+    else:
+      fn = self._get("eval_vmap", lambda: jax.jit(
+          jax.vmap(lambda v, xc: self.apply_fn(v, xc)[0], in_axes=(0, None))))
+      out = jnp.concatenate([fn(variables, xp[i * chunk:(i + 1) * chunk])
+                             for i in range(num_chunks)], axis=1)
+    return out[:, :n]
+
+
+def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_conv: bool
+                     ) -> tuple[str, str]:
+  """Chooses how members and steps run, from measurements on each backend.
+
+  On CPU, XLA lowers a vmapped convolution to a grouped convolution 3-4x slower than a loop of
+  per-member steps, and convolutions inside `lax.scan` run 25-50x slower than called step by step
+  (FIELD-NOTES, BENCHMARKS.md); dense models gain from vmap and from scanning the epoch (dispatch).
+  On GPU/TPU one small member leaves the chip idle, so members are vmapped and the epoch scanned.
+  """
+  if member_strategy == "auto":
+    member_strategy = "loop" if (backend == "cpu" and has_conv) else "vmap"
+  if epoch_loop == "auto":
+    epoch_loop = "python" if (backend == "cpu" and has_conv) else "scan"
+  return member_strategy, epoch_loop
+
+
+def make_mesh(num_runs: int, num_devices: int = 0) -> Mesh | None:
+  """A 1-D mesh over the largest number of devices (<= num_devices, 0 = all) dividing num_runs.
+
+  Returns None when only one device would be used.
+  """
+  devices = jax.devices()
+  limit = len(devices) if num_devices <= 0 else min(num_devices, len(devices))
+  d = max(k for k in range(1, limit + 1) if num_runs % k == 0)
+  if d < limit:
+    logging.warning("num_runs=%d is not divisible by %d devices; using %d", num_runs, limit, d)
+  if d == 1:
+    return None
+  return Mesh(np.array(devices[:d]), ("runs",))
+
+
+def member_keys(seed: int, member_ids: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-member (init, data order, augmentation) keys, derived with fold_in from the seed and the
+  member's id, so member i gets the same keys in any ensemble that contains it.
+
+  Returns:
+    three `[R]` key arrays.
+  """
+  base = jax.random.key(seed)
+  ids = jnp.asarray(member_ids, jnp.uint32)
+  mk = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
+  derive = lambda tag: jax.vmap(lambda k: jax.random.fold_in(k, tag))(mk)
+  return derive(0), derive(1), derive(2)

@@ -1,0 +1,214 @@
+"""Per-example architecture-sensitivity tests and the choice of the k fingerprint examples.
+
+Ranks training examples by how strongly their difficulty score separates architectures, on fit runs only.
+
+Following Kwok et al., "Dataset Difficulty and the Role of Inductive Bias" (arXiv 2401.01867), which
+borrows from statistical genetics (association tests per locus, here per example): an example whose
+score differs between architectures far more than between runs of one architecture is
+*architecture-sensitive*, and the scores of a few such examples fingerprint the architecture.
+
+Shapes: `R` runs (of all architectures together), `S` score names, `N` examples, `C` architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+from scipy import stats
+
+from jaxdiff.fingerprint import classify
+
+TESTS = ("anova", "welch")
+SELECTION_METHODS = ("pvalue", "bonferroni", "logreg", "random")
+
+
+def _check_labels(y: np.ndarray, min_per_class: int) -> tuple[np.ndarray, int]:
+  y = np.asarray(y)
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"labels must be a 1-D int array [R]; got dtype {y.dtype} shape {y.shape}")
+  num_classes = int(y.max()) + 1 if y.size else 0
+  counts = np.bincount(y, minlength=num_classes)
+  if num_classes < 2 or counts.min() < min_per_class:
+    raise ValueError(f"need >= 2 architectures labelled 0..C-1 with >= {min_per_class} runs each; "
+                     f"got runs per label {counts.tolist()}")
+  return counts, num_classes
+
+
+def anova_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One-way ANOVA F-test per example: do the architectures' mean scores differ?
+
+  F = [SSB / (C - 1)] / [SSW / (R - C)] with SSB = sum_c n_c (mean_c - mean)^2 and
+  SSW = sum_c sum_{r in c} (x_r - mean_c)^2; p = P(F_{C-1, R-C} > F) (Fisher's one-way ANOVA,
+  the `scipy.stats.f_oneway` statistic, vectorised over examples). With C = 2 it is the pooled
+  two-sample t-test (F = t^2). An example with no within-architecture spread gets F = inf (p = 0)
+  if the means differ, else F = 0 (p = 1).
+
+  Args:
+    x: `[R, N]` scores.
+    y: `[R]` int architecture labels 0..C-1 (each with >= 1 run, R > C).
+
+  Returns:
+    `(log_p [N], F [N])`: natural log of the p-value (no underflow for huge F) and the statistic.
+  """
+  x = np.asarray(x, np.float64)
+  counts, c = _check_labels(y, 1)
+  r = x.shape[0]
+  if r <= c:
+    raise ValueError(f"ANOVA needs more runs than architectures; got {r} runs, {c} architectures")
+  onehot = (np.asarray(y)[:, None] == np.arange(c)[None]).astype(np.float64)  # [R, C]
+  means = (onehot.T @ x) / counts[:, None]  # [C, N]
+  grand = x.mean(0)
+  ssb = (counts[:, None] * (means - grand) ** 2).sum(0)
+  ssw = ((x - means[y]) ** 2).sum(0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    f = (ssb / (c - 1)) / (ssw / (r - c))
+  # Relative tolerance: a float-rounding SSB on constant scores must not read as infinite F.
+  tiny = 1e-12 * np.maximum((x ** 2).sum(0), 1e-300)
+  f = np.where(ssw <= tiny, np.where(ssb <= tiny, 0.0, np.inf), f)
+  return stats.f.logsf(f, c - 1, r - c), f
+
+
+def welch_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Minimum over architecture pairs of the two-sided Welch t-test p-value, per example.
+
+  t = (m_a - m_b) / sqrt(v_a / n_a + v_b / n_b) with unbiased variances, Welch-Satterthwaite
+  degrees of freedom (the `scipy.stats.ttest_ind(equal_var=False)` statistic, vectorised over
+  examples). For C = 2 it is the Welch test; for C > 2 the minimum over the C(C-1)/2 pairs picks
+  examples that separate *any* two architectures (the ANOVA F-test favours examples that spread
+  all of them). The minimum is not itself a calibrated p-value (it is anti-conservative by up to
+  the number of pairs); Bonferroni selection multiplies by the pair count too.
+
+  Args:
+    x: `[R, N]` scores.
+    y: `[R]` int architecture labels 0..C-1, each with >= 2 runs.
+
+  Returns:
+    `(log_p [N], max |t| [N])`.
+  """
+  x = np.asarray(x, np.float64)
+  counts, c = _check_labels(y, 2)
+  y = np.asarray(y)
+  means = np.stack([x[y == a].mean(0) for a in range(c)])  # [C, N] (loop over architectures)
+  variances = np.stack([x[y == a].var(0, ddof=1) for a in range(c)])
+  log_p = np.full(x.shape[1], np.inf)
+  t_max = np.zeros(x.shape[1])
+  for a, b in itertools.combinations(range(c), 2):
+    va, vb = variances[a] / counts[a], variances[b] / counts[b]
+    se2 = va + vb
+    diff = means[a] - means[b]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      t = np.abs(diff) / np.sqrt(se2)
+      df = se2 ** 2 / (va ** 2 / (counts[a] - 1) + vb ** 2 / (counts[b] - 1))
+    tiny = 1e-12 * np.maximum(means[a] ** 2 + means[b] ** 2, 1e-300)
+    flat = se2 <= tiny
+    t = np.where(flat, np.where(diff ** 2 <= tiny, 0.0, np.inf), t)
+    df = np.where(flat | ~np.isfinite(df), 1.0, df)
+    lp = np.log(2.0) + stats.t.logsf(t, df)
+    log_p = np.minimum(log_p, np.minimum(lp, 0.0))
+    t_max = np.maximum(t_max, t)
+  return log_p, t_max
+
+
+def sensitivity(x: np.ndarray, y: np.ndarray, test: str = "anova") -> tuple[np.ndarray, np.ndarray]:
+  """Per-example log p-value of the architecture effect, combined over scores.
+
+  Args:
+    x: `[R, S, N]` (or `[R, N]`) scores.
+    y: `[R]` architecture labels.
+    test: "anova" (one-way F-test, `anova_log_pvalues`) or "welch" (min pairwise Welch,
+      `welch_log_pvalues`).
+
+  Returns:
+    `(log_p [N], stat [N])`, minimum log p and maximum statistic over the S scores.
+  """
+  if test not in TESTS:
+    raise ValueError(f"unknown test {test!r}; valid choices: {TESTS}")
+  x = np.asarray(x)
+  if x.ndim == 2:
+    x = x[:, None]
+  fn = anova_log_pvalues if test == "anova" else welch_log_pvalues
+  per_score = [fn(x[:, s], y) for s in range(x.shape[1])]
+  log_p = np.min([lp for lp, _ in per_score], axis=0)
+  stat = np.max([st for _, st in per_score], axis=0)
+  return log_p, stat
+
+
+def num_tests(num_examples: int, num_scores: int, num_classes: int, test: str) -> int:
+  """How many p-values the Bonferroni correction divides alpha by."""
+  pairs = 1 if test == "anova" else num_classes * (num_classes - 1) // 2
+  return num_examples * num_scores * pairs
+
+
+@dataclasses.dataclass
+class Ranking:
+  """Examples ordered from most to least architecture-sensitive (positions into the N examples).
+
+  Attributes:
+    order: int `[M]`, M <= N (Bonferroni keeps only examples that pass the corrected test).
+    log_pvalues: `[N]` log p-values (tests only), else None.
+    importance: `[N]` coefficient norms (logreg only), else None.
+    l2: the cross-validated L2 strength (logreg only), else None.
+  """
+  order: np.ndarray
+  log_pvalues: np.ndarray | None = None
+  importance: np.ndarray | None = None
+  l2: float | None = None
+
+  def top(self, k: int) -> np.ndarray:
+    return self.order[:k]
+
+
+def rank_examples(x: np.ndarray, y: np.ndarray, method: str, *, test: str = "anova",
+                  alpha: float = 0.05, seed: int = 0,
+                  l2_grid=classify.DEFAULT_L2_GRID, cv_folds: int = 5) -> Ranking:
+  """Ranks examples for selection; call it on FIT runs only.
+
+  Methods (separately named options):
+    "pvalue": ascending p-value of `test` (ties, e.g. p underflowing to 0, broken by the statistic).
+    "bonferroni": the same order, keeping only examples with p * m < alpha, m = `num_tests(...)`
+      (Bonferroni family-wise correction); may keep fewer than k examples, even none, when the
+      architectures are indistinguishable.
+    "logreg": descending L2 norm over scores and classes of the example's coefficients in a
+      multinomial L2 logistic regression on all N examples (z-scored), its L2 strength chosen by
+      cross-validation (`classify.cv_logreg`).
+    "random": a seeded random permutation (the baseline).
+
+  Args:
+    x: `[R, S, N]` fit-run scores.
+    y: `[R]` architecture labels 0..C-1.
+    method: one of `SELECTION_METHODS`.
+    test: one of `TESTS` (for "pvalue" and "bonferroni").
+    alpha: family-wise error rate for "bonferroni".
+    seed: seeds "random" and the CV folds of "logreg".
+    l2_grid, cv_folds: passed to `classify.cv_logreg` for "logreg".
+
+  Returns:
+    A `Ranking`.
+  """
+  if method not in SELECTION_METHODS:
+    raise ValueError(f"unknown selection method {method!r}; valid choices: {SELECTION_METHODS}")
+  x = np.asarray(x, np.float64)
+  if x.ndim == 2:
+    x = x[:, None]
+  r, s, n = x.shape
+  if np.shape(y) != (r,):
+    raise ValueError(f"labels shape {np.shape(y)} does not match {r} runs")
+  if method == "random":
+    return Ranking(order=np.random.default_rng(seed).permutation(n))
+  if method in ("pvalue", "bonferroni"):
+    log_p, stat = sensitivity(x, y, test)
+    order = np.lexsort((-stat, log_p))
+    if method == "bonferroni":
+      m = num_tests(n, s, int(np.max(y)) + 1, test)
+      order = order[log_p[order] + np.log(m) < np.log(alpha)]
+    return Ranking(order=order, log_pvalues=log_p)
+  feats = x.reshape(r, s * n)
+  mean, std = classify.zscore_stats(feats)
+  z = (feats - mean) / std
+  num_classes = int(np.max(y)) + 1
+  l2, _ = classify.cv_logreg(z, y, num_classes, l2_grid=l2_grid, n_folds=cv_folds, seed=seed)
+  w, _ = classify.fit_logreg(z, y, num_classes, l2)
+  importance = np.sqrt((w.reshape(s, n, num_classes) ** 2).sum((0, 2)))
+  return Ranking(order=np.argsort(-importance, kind="stable"), importance=importance, l2=l2)

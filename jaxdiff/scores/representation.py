@@ -1,0 +1,307 @@
+"""Representation scores at a checkpoint: prediction depth (k-NN probes) and prototype distances.
+
+Features come from the models' `out["layers"]` / `out["pre_logits"]`; distances are computed in
+jitted query chunks (vmapped over members) so that 50,000 training examples fit in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.scores import point
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in distances (GPU default)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _features_chunk(apply_fn, variables, x):
+  def member(v):
+    logits, out = apply_fn(v, x)
+    flat = [jnp.reshape(h, (h.shape[0], -1)).astype(jnp.float32) for h in out["layers"]]
+    return flat, logits.astype(jnp.float32)
+  return jax.vmap(member)(variables)
+
+
+def features(apply_fn: point.ApplyFn, variables: Any, x: Any, chunk_size: int = 1024,
+             include_input: bool = False, return_logits: bool = False):
+  """Per-layer features of every member on every example, flattened per example.
+
+  Holds all of them in host memory (`R * N * sum_l F_l` floats): fine for small models.
+
+  Args:
+    apply_fn: `(member_variables, x [B, ...]) -> (logits [B, C], out)`, `out["layers"]` a list.
+    variables: stacked variables, every leaf `[R, ...]`.
+    x: inputs `[N, ...]`.
+    chunk_size: examples per jitted call.
+    include_input: prepend the flattened input as layer 0 (a read-only broadcast view `[R, N, F]`),
+      as Baldock et al. 2021 do for prediction depth.
+    return_logits: also return the logits `[R, N, C]`.
+
+  Returns:
+    List of float32 `[R, N, F_l]` in depth order (and the logits if asked).
+  """
+  x = np.asarray(x)
+  if x.ndim < 1 or x.shape[0] == 0:
+    raise ValueError(f"x must be a non-empty [N, ...] array, got shape {x.shape}")
+  r = point.num_members(variables)
+  layers, logits = point.run_chunked(lambda v, xc: _features_chunk(apply_fn, v, xc), variables,
+                                     [x], chunk_size)
+  layers = list(layers)
+  if include_input:
+    flat = x.reshape(x.shape[0], -1).astype(np.float32)
+    layers.insert(0, np.broadcast_to(flat[None], (r,) + flat.shape))
+  return (layers, logits) if return_logits else layers
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _knn_chunk(train, train_sq, train_labels, query, query_ids, k, num_classes):
+  n = train.shape[1]
+
+  def member(t, tsq, q):
+    d = (jnp.sum(q * q, -1)[:, None] - 2.0 * jnp.dot(q, t.T, precision=_HIGHEST) + tsq[None, :])
+    # query_ids >= 0 marks a query that is training example `id`: drop it from its own neighbours.
+    d = jnp.where(query_ids[:, None] == jnp.arange(n)[None, :], jnp.inf, d)
+    _, nbrs = jax.lax.top_k(-d, k)  # [Q, k]
+    votes = jnp.sum(jax.nn.one_hot(train_labels[nbrs], num_classes, dtype=jnp.int32), axis=1)
+    return jnp.argmax(votes, axis=-1)  # ties -> lowest class index
+
+  return jax.vmap(member)(train, train_sq, query)
+
+
+def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: int = 30,
+                exclude_self: bool = False, num_classes: int | None = None,
+                chunk_size: int = 256) -> np.ndarray:
+  """k-nearest-neighbour (Euclidean, majority vote) predictions, per member.
+
+  Vote ties go to the lowest class index. Memory per call is about `R * chunk_size * N * 4` bytes
+  (the distance block) on the device.
+
+  Args:
+    train_features: `[R, N, F]`.
+    train_labels: int `[N]`.
+    query_features: `[R, M, F]`.
+    k: neighbours, 1 <= k <= N (N - 1 with `exclude_self`).
+    exclude_self: the queries are the training examples themselves (M == N, same order); query i
+      does not count training example i among its neighbours.
+    num_classes: number of classes (default: max label + 1).
+    chunk_size: queries per jitted call.
+
+  Returns:
+    int32 `[R, M]`.
+  """
+  train = jnp.asarray(train_features, jnp.float32)
+  query = np.asarray(query_features, np.float32)
+  labels = np.asarray(train_labels)
+  if train.ndim != 3 or query.ndim != 3 or train.shape[0] != query.shape[0] or \
+     train.shape[2] != query.shape[2]:
+    raise ValueError(f"need train features [R, N, F] and query features [R, M, F]; got "
+                     f"{train.shape} and {query.shape}")
+  r, n, _ = train.shape
+  m = query.shape[1]
+  if labels.shape != (n,):
+    raise ValueError(f"train_labels have shape {labels.shape}, expected ({n},)")
+  if exclude_self and m != n:
+    raise ValueError(f"exclude_self needs the queries to be the {n} training examples; got {m}")
+  max_k = n - 1 if exclude_self else n
+  if not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
+    raise ValueError(f"k must be an int in [1, {max_k}], got {k!r}")
+  num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+  chunk = min(point.check_chunk_size(chunk_size), m)
+  train_sq = jnp.sum(train * train, axis=-1)
+  labels_j = jnp.asarray(labels, jnp.int32)
+  out = np.empty((r, m), np.int32)
+  for start in range(0, m, chunk):
+    stop = min(start + chunk, m)
+    q = query[:, start:stop]
+    ids = np.arange(start, stop) if exclude_self else np.full(stop - start, -1)
+    if stop - start < chunk:  # pad so that every call has one shape
+      q = np.concatenate([q, np.zeros((r, chunk - (stop - start), q.shape[2]), q.dtype)], axis=1)
+      ids = np.concatenate([ids, np.full(chunk - (stop - start), -1)])
+    pred = _knn_chunk(train, train_sq, labels_j, q, jnp.asarray(ids, jnp.int32), int(k),
+                      num_classes)
+    out[:, start:stop] = np.asarray(pred)[:, :stop - start]
+  return out
+
+
+def prediction_depth(train_features: Sequence[Any], train_labels: Any,
+                     query_features: Sequence[Any] | None, final_pred: Any, k: int = 30,
+                     exclude_self: bool | None = None, chunk_size: int = 256) -> np.ndarray:
+  """Prediction depth (Baldock, Maennel & Neyshabur 2021, "Deep Learning Through the Lens of
+  Example Difficulty").
+
+  A k-NN probe (`knn_predict`, k=30 by default, on the training features and labels) classifies
+  each query at every layer l = 0..L-1 of the given list. The depth is the smallest l such that
+  the probes of every layer l' >= l agree with the network's final prediction. Indexing follows
+  the list: with the input prepended as layer 0 (`features(..., include_input=True)`), hidden layer
+  i is layer i and depth 0 means "decided in the input", as in the paper. If the last probe
+  already disagrees with the final prediction, no layer qualifies and the depth is L.
+
+  Args:
+    train_features: list of L arrays `[R, N, ...]` (flattened per example if not already).
+    train_labels: int `[N]`.
+    query_features: list of L arrays `[R, M, ...]`, or None to score the training set itself.
+    final_pred: int `[R, M]`, the network's prediction (argmax of the logits) per member.
+    k: neighbours per probe.
+    exclude_self: leave each query out of its own neighbours (the queries must be the training
+      examples in order). Default: True when `query_features` is None or is `train_features`.
+    chunk_size: queries per jitted distance block.
+
+  Returns:
+    float32 `[R, M]` in [0, L].
+  """
+  if exclude_self is None:
+    exclude_self = query_features is None or query_features is train_features
+  if query_features is None:
+    query_features = train_features
+  if len(train_features) != len(query_features) or not train_features:
+    raise ValueError(f"need the same non-zero number of train and query layers; got "
+                     f"{len(train_features)} and {len(query_features)}")
+  final_pred = np.asarray(final_pred)
+  labels = np.asarray(train_labels)
+  num_classes = int(max(labels.max(), final_pred.max())) + 1
+  flat = lambda a: np.reshape(a, np.shape(a)[:2] + (-1,))
+  agree = []
+  for tf, qf in zip(train_features, query_features):
+    probe = knn_predict(flat(tf), labels, flat(qf), k=k, exclude_self=exclude_self,
+                        num_classes=num_classes, chunk_size=chunk_size)
+    if probe.shape != final_pred.shape:
+      raise ValueError(f"final_pred has shape {final_pred.shape}, expected [R, M] = {probe.shape}")
+    agree.append(probe == final_pred)
+  agree = np.stack(agree)  # [L, R, M]
+  # suffix[l] = all probes l..L-1 agree; the depth is L minus the length of that agreeing suffix.
+  suffix = np.flip(np.logical_and.accumulate(np.flip(agree, 0), axis=0), 0)
+  return (len(agree) - suffix.sum(0)).astype(np.float32)
+
+
+def prediction_depth_scores(apply_fn: point.ApplyFn, variables: Any, x: Any, y: Any, k: int = 30,
+                            include_input: bool = True, chunk_size: int = 1024,
+                            knn_chunk_size: int = 256) -> np.ndarray:
+  """Prediction depth of every training example for every member (features + probes, see above).
+
+  Uses the training set as the probes' support set, leaving each example out of its own
+  neighbours, and the input as layer 0 (Baldock et al.'s convention) unless `include_input=False`.
+
+  Returns:
+    float32 `[R, N]`.
+  """
+  x, y = point.check_examples(x, y)
+  layers, logits = features(apply_fn, variables, x, chunk_size, include_input=include_input,
+                            return_logits=True)
+  return prediction_depth(layers, y, None, logits.argmax(-1), k=k, chunk_size=knn_chunk_size)
+
+
+def _kmeanspp(x: jax.Array, num_clusters: int, key: jax.Array) -> jax.Array:
+  """k-means++ seeding (Arthur & Vassilvitskii 2007): `x [N, D]` -> centroids `[K, D]`."""
+  n = x.shape[0]
+  key, sub = jax.random.split(key)
+  first = x[jax.random.randint(sub, (), 0, n)]
+  cents = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
+  d2 = jnp.sum(jnp.square(x - first), -1)
+
+  def body(i, carry):
+    cents, d2, key = carry
+    key, sub = jax.random.split(key)
+    # Sample proportionally to squared distance; all-zero distances -> uniform.
+    logits = jnp.where(jnp.sum(d2) > 0, jnp.log(d2), 0.0)
+    c = x[jax.random.categorical(sub, logits)]
+    return cents.at[i].set(c), jnp.minimum(d2, jnp.sum(jnp.square(x - c), -1)), key
+
+  cents, _, _ = jax.lax.fori_loop(1, num_clusters, body, (cents, d2, key))
+  return cents
+
+
+def _sq_dists(x: jax.Array, c: jax.Array) -> jax.Array:
+  d = (jnp.sum(x * x, -1)[:, None] - 2.0 * jnp.dot(x, c.T, precision=_HIGHEST)
+       + jnp.sum(c * c, -1)[None, :])
+  return jnp.maximum(d, 0.0)
+
+
+def lloyd(x: jax.Array, centroids: jax.Array, num_iters: int) -> jax.Array:
+  """`num_iters` Lloyd iterations from `centroids [K, D]`; an empty cluster keeps its centroid."""
+  k = centroids.shape[0]
+
+  def body(_, c):
+    assign = jnp.argmin(_sq_dists(x, c), axis=-1)
+    onehot = jax.nn.one_hot(assign, k, dtype=x.dtype)  # [N, K]
+    counts = onehot.sum(0)
+    sums = jnp.dot(onehot.T, x, precision=_HIGHEST)
+    return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
+
+  return jax.lax.fori_loop(0, num_iters, body, centroids)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, num_iters: int = 50) -> jax.Array:
+  """k-means (k-means++ seeding, then `num_iters` Lloyd iterations) of `x [N, D]` -> `[K, D]`."""
+  x = x.astype(jnp.float32)
+  return lloyd(x, _kmeanspp(x, num_clusters, key), num_iters)
+
+
+def member_key(seed: int, member: int) -> jax.Array:
+  """The k-means key of member `member`: fold_in(PRNGKey(seed), member), independent of R."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), member)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 4))
+def _prototypes(feats, labels, num_classes, keys, num_clusters_and_iters):
+  num_clusters, num_iters = num_clusters_and_iters
+
+  def member(f, key):
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=f.dtype)
+    class_means = jnp.dot(onehot.T, f, precision=_HIGHEST) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+    supervised = jnp.sqrt(jnp.sum(jnp.square(f - class_means[labels]), -1))
+    cents = lloyd(f, _kmeanspp(f, num_clusters, key), num_iters)
+    selfsup = jnp.sqrt(jnp.min(_sq_dists(f, cents), axis=-1))
+    return supervised, selfsup
+
+  return jax.vmap(member)(feats, keys)
+
+
+def prototype_scores(pre_logits: Any, labels: Any, num_clusters: int, seed: int = 0,
+                     num_iters: int = 50, normalize: bool = False) -> dict[str, np.ndarray]:
+  """Prototype distances of every example in each member's penultimate space (Sorscher et al.
+  2022, "Beyond neural scaling laws: beating power law scaling via data pruning").
+
+    proto_supervised: ||h(x) - m_y||_2, with m_y the mean of h over the training examples labelled y
+                      (the "supervised prototype" metric).
+    proto_selfsup:    min_j ||h(x) - c_j||_2 over k-means centroids c_1..c_K of h (the
+                      "self-supervised prototype" metric).
+
+  Departures: Sorscher et al. cluster the embeddings of a separate self-supervised model (SwAV);
+  here h is each member's own penultimate feature `out["pre_logits"]`. Their embeddings are unit
+  vectors and they use cosine distance; `normalize=True` L2-normalises h first, so that squared
+  distances are 2 - 2 cos. k-means: k-means++ seeding with key `member_key(seed, r)`, then
+  `num_iters` Lloyd iterations (an empty cluster keeps its centroid).
+
+  Args:
+    pre_logits: `[R, N, D]`.
+    labels: int `[N]`.
+    num_clusters: K, 1 <= K <= N.
+    seed: k-means seed.
+    num_iters: Lloyd iterations.
+    normalize: L2-normalise features first.
+
+  Returns:
+    {"proto_supervised", "proto_selfsup"} -> float32 `[R, N]`.
+  """
+  feats = np.asarray(pre_logits, np.float32)
+  labels = np.asarray(labels)
+  if feats.ndim != 3:
+    raise ValueError(f"pre_logits must be [R, N, D], got shape {feats.shape}")
+  r, n, _ = feats.shape
+  if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    raise ValueError(f"labels must be non-negative ints of shape ({n},); got {labels.shape} "
+                     f"{labels.dtype}")
+  if not isinstance(num_clusters, (int, np.integer)) or not 1 <= num_clusters <= n:
+    raise ValueError(f"num_clusters must be an int in [1, {n}], got {num_clusters!r}")
+  if normalize:
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+  keys = jnp.stack([member_key(seed, i) for i in range(r)])
+  sup, ss = _prototypes(jnp.asarray(feats), jnp.asarray(labels, jnp.int32), int(labels.max()) + 1,
+                        keys, (int(num_clusters), int(num_iters)))
+  return {"proto_supervised": np.asarray(sup), "proto_selfsup": np.asarray(ss)}

@@ -1,0 +1,230 @@
+"""The training loop: epochs over an ensemble, evaluation, checkpoints, logs and score recording.
+
+`train_and_evaluate(config, workdir)` is what `experiments/train.py` and the notebooks call.
+Rerunning it on the same workdir resumes from the latest Orbax checkpoint and gives the same result
+as an uninterrupted run; a workdir written with a different config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxdiff import data as data_lib
+from jaxdiff import ensemble as ens
+from jaxdiff import models
+from jaxdiff import recording
+from jaxdiff import store
+
+# Config fields that may change between a run and its resumption without changing its numbers.
+RESUME_SAFE_FIELDS = frozenset({"checkpoint_every", "progress", "num_devices", "member_strategy",
+                                "epoch_loop", "eval_chunk_size", "scores.chunk_size"})
+
+
+class _QuietOrbax:
+  """Drops Orbax's per-checkpoint INFO chatter from absl logs (warnings still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+logging.get_absl_logger().addFilter(_QuietOrbax())
+
+
+class ConfigError(ValueError):
+  """Invalid configuration, or a workdir that belongs to another configuration."""
+
+
+class DivergenceError(RuntimeError):
+  """Every member of the ensemble diverged."""
+
+
+def _flat(d: Mapping[str, Any], prefix="") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks sizes and names before any work; errors name the value and the valid range."""
+  for field in ("num_runs", "batch_size", "num_epochs"):
+    v = config.get(field)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise ConfigError(f"config.{field}={v!r}: must be a positive integer")
+  for field in ("checkpoint_every", "first_member"):
+    v = config.get(field, 0)
+    if not isinstance(v, int) or v < 0:
+      raise ConfigError(f"config.{field}={v!r}: must be a non-negative integer")
+  if config.model.get("name") not in models.MODELS:
+    raise ConfigError(f"unknown architecture {config.model.get('name')!r}; valid: "
+                      f"{', '.join(sorted(models.MODELS))}")
+  recording.validate(config.get("scores", {}))
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json in a new workdir; refuses a workdir written by another config."""
+  path = os.path.join(workdir, "config.json")
+  resolved = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path} is corrupt ({e}); remove the workdir or fix the file") from e
+    a, b = _flat(old), _flat(resolved)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
+    if diff:
+      details = "; ".join(f"{k}: workdir has {a.get(k)!r}, config has {b.get(k)!r}" for k in diff[:8])
+      raise ConfigError(f"workdir {workdir!r} was written by a different config ({details}). "
+                        "Use a new --workdir, or the original config to resume.")
+  os.makedirs(workdir, exist_ok=True)
+  store.atomic_write_json(path, resolved)
+
+
+class _MetricsLog:
+  """metrics.jsonl: rewritten atomically each epoch, so a kill never leaves half a line, and a
+  resumed run drops epochs after its checkpoint."""
+
+  def __init__(self, path: str, resume_epoch: int):
+    self.path = path
+    self.lines = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if rec.get("epoch", 0) <= resume_epoch:
+            self.lines.append(line.rstrip("\n"))
+
+  def write(self, records):
+    self.lines += [json.dumps(r, sort_keys=True) for r in records]
+    store.atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def _progress(epoch, num_epochs, records, seconds, enabled):
+  test = np.array([r["test_acc"] for r in records if not r["diverged"]] or [np.nan])
+  train = np.array([r["train_loss"] for r in records if not r["diverged"]] or [np.nan])
+  ndiv = sum(r["diverged"] for r in records)
+  width = 20
+  done = int(width * epoch / num_epochs)
+  msg = (f"[{'=' * done}{' ' * (width - done)}] epoch {epoch}/{num_epochs}  "
+         f"train loss {np.mean(train):.4f}  test acc {np.mean(test):.4f} +- {np.std(test):.4f}  "
+         f"{seconds:.2f}s/epoch" + (f"  diverged {ndiv}" if ndiv else ""))
+  if enabled:
+    print(msg, file=sys.stderr, flush=True)
+  else:
+    logging.info(msg)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       arrays: Mapping[str, np.ndarray] | None = None) -> dict:
+  """Trains `config.num_runs` members, records scores and writes everything to `workdir`.
+
+  Args:
+    config: see experiments/configs/default.py.
+    workdir: output directory (created; resumed when it holds a checkpoint of the same config).
+    arrays: training data for `config.data.name == "arrays"`.
+
+  Returns:
+    a summary dict: final per-member test accuracy `[R]`, diverged `[R]`, dataset fingerprint.
+  """
+  validate_config(config)
+  ds = data_lib.load_dataset(config.data, arrays)
+  model = models.build_model(config.model, ds.num_classes)
+  check_workdir(workdir, config)
+
+  num_runs, bs, num_epochs = config.num_runs, config.batch_size, config.num_epochs
+  if bs > ds.num_train:
+    raise ConfigError(f"batch_size={bs} exceeds the {ds.num_train} training examples")
+  steps_per_epoch = ds.num_train // bs
+  tx = ens.make_optimizer(config.optim, steps_per_epoch, num_epochs)
+  mesh = ens.make_mesh(num_runs, config.get("num_devices", 0))
+  engine = ens.Engine(model, tx, augment=bool(config.get("augment", False)) and ds.kind == "image",
+                      member_strategy=config.get("member_strategy", "auto"),
+                      epoch_loop=config.get("epoch_loop", "auto"), mesh=mesh)
+  member_ids = np.arange(config.get("first_member", 0), config.get("first_member", 0) + num_runs)
+  init_keys, data_keys, aug_keys = ens.member_keys(config.seed, member_ids)
+  state = engine.init(init_keys, ds.x_train[:1])
+  data_keys, aug_keys = engine.shard(data_keys), engine.shard(aug_keys)
+  x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
+  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs)
+
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
+                                                                              create=True))
+  start_epoch = 0
+  target = {"state": state, "recorder": recorder.state}
+  if mngr.latest_step() is not None:
+    start_epoch = int(mngr.latest_step())
+    restored = mngr.restore(start_epoch, args=ocp.args.StandardRestore(target))
+    state = engine.shard(restored["state"])
+    recorder.state = restored["recorder"]
+    logging.info("resumed %s from epoch %d", workdir, start_epoch)
+  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_epoch)
+  every = config.get("checkpoint_every", 1) or num_epochs
+
+  for epoch in range(start_epoch + 1, num_epochs + 1):
+    t0 = time.perf_counter()
+    idx = engine.shard(data_lib.epoch_permutations(data_keys, epoch, ds.num_train, bs))
+    state, seen = engine.train_epoch(state, x_train, y_train, idx, aug_keys,
+                                     (epoch - 1) * steps_per_epoch)
+    records = recorder.on_epoch(epoch, state, idx, seen)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    log.write(records)
+    _progress(epoch, num_epochs, records, seconds, config.get("progress", True))
+    diverged = np.asarray(state.diverged)
+    if diverged.all():
+      raise DivergenceError(
+          f"all {num_runs} members diverged (non-finite loss) by epoch {epoch}; first at steps "
+          f"{np.asarray(state.diverged_step).tolist()}. Lower optim.lr={config.optim.lr}?")
+    if epoch % every == 0 or epoch == num_epochs:
+      mngr.save(epoch, args=ocp.args.StandardSave({"state": state, "recorder": recorder.state}))
+  mngr.wait_until_finished()
+
+  meta = {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
+          "arch": config.get("arch_label") or _arch_label(config.model), "seed": config.seed,
+          "member_ids": member_ids.tolist(), "num_epochs": num_epochs,
+          "diverged": np.asarray(state.diverged).tolist(),
+          "diverged_step": np.asarray(state.diverged_step).tolist()}
+  final = recorder.finalize(state)
+  store.save_scores(os.path.join(workdir, "scores"), final, example_ids=ds.example_ids,
+                    labels=ds.y_train, meta=meta)
+  if ds.noise_mask.any():
+    store.atomic_save_npy(os.path.join(workdir, "noise_mask.npy"), ds.noise_mask)
+  test_acc = np.array([r["test_acc"] for r in log_last(log)])
+  return {"test_acc": test_acc, "diverged": np.asarray(state.diverged), "state": state,
+          "dataset": ds.fingerprint(), "engine": engine}
+
+
+def log_last(log: _MetricsLog):
+  recs = [json.loads(l) for l in log.lines]
+  last = max(r["epoch"] for r in recs)
+  return sorted((r for r in recs if r["epoch"] == last), key=lambda r: r["member"])
+
+
+def _arch_label(model_config) -> str:
+  items = [f"{k}={v}" for k, v in sorted(dict(model_config).items()) if k != "name"]
+  return model_config["name"] + (f"({','.join(items)})" if items else "")
+
+
+def read_metrics(workdir: str):
+  """metrics.jsonl as a list of dicts (pandas: `pd.read_json(path, lines=True)`)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]

@@ -1,0 +1,181 @@
+"""Tests of the ensemble engine: independent members, strategies, divergence, sharding."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import data as data_lib
+from jaxdiff import ensemble as ens
+from jaxdiff import models
+from conftest import ROOT, tiny_config
+
+
+def _setup(arch="mlp", num_runs=3, member_strategy="vmap", epoch_loop="scan", first=0, lr=1e-2):
+  c = tiny_config(arch)
+  ds = data_lib.load_dataset(c.data)
+  model = models.build_model(c.model, ds.num_classes)
+  steps = ds.num_train // c.batch_size
+  tx = ens.make_optimizer(dict(name="sgd", lr=lr, momentum=0.9, weight_decay=1e-4,
+                               schedule="cosine"), steps, 2)
+  engine = ens.Engine(model, tx, member_strategy=member_strategy, epoch_loop=epoch_loop)
+  ids = np.arange(first, first + num_runs)
+  ik, dk, ak = ens.member_keys(0, ids)
+  state = engine.init(ik, ds.x_train)
+  return engine, state, ds, dk, ak, c.batch_size
+
+
+def _run_epochs(engine, state, ds, dk, ak, bs, epochs=2):
+  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  steps = ds.num_train // bs
+  for e in range(1, epochs + 1):
+    idx = data_lib.epoch_permutations(dk, e, ds.num_train, bs)
+    state, _ = engine.train_epoch(state, x, y, idx, ak, (e - 1) * steps)
+  return state
+
+
+def _member(tree, i):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a[i]), tree)
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def test_members_start_different():
+  _, state, *_ = _setup(num_runs=3)
+  k = [np.asarray(l) for l in jax.tree_util.tree_leaves(state.params)]
+  for leaf in k:
+    if leaf[0].ndim >= 2:  # kernels (biases start at zero)
+      assert not np.allclose(leaf[0], leaf[1]) and not np.allclose(leaf[1], leaf[2])
+  # Different data orders too.
+  _, _, ds, dk, _, bs = _setup(num_runs=3)
+  idx = np.asarray(data_lib.epoch_permutations(dk, 1, ds.num_train, bs))
+  assert not np.array_equal(idx[0], idx[1])
+  # Each member's permutation covers distinct examples (no repeats within an epoch).
+  assert all(len(np.unique(idx[r])) == idx[r].size for r in range(3))
+
+
+@pytest.mark.parametrize("arch,strategy,loop", [("mlp", "vmap", "scan"), ("cnn", "vmap", "python"),
+                                                ("cnn", "loop", "python")])
+def test_member_equals_single_run(arch, strategy, loop):
+  """Member 1 of a 3-member ensemble ends where a 1-member run with member 1's seeds ends."""
+  eng, st, ds, dk, ak, bs = _setup(arch, 3, strategy, loop)
+  st = _run_epochs(eng, st, ds, dk, ak, bs)
+  eng1, st1, ds, dk1, ak1, bs = _setup(arch, 1, strategy, loop, first=1)
+  st1 = _run_epochs(eng1, st1, ds, dk1, ak1, bs)
+  _assert_trees_close(_member(st.params, 1), _member(st1.params, 0), rtol=2e-5, atol=2e-6)
+  # And it moved: the trained params differ from the initial ones.
+  _, init1, *_ = _setup(arch, 1, strategy, loop, first=1)
+  assert not np.allclose(jax.tree_util.tree_leaves(init1.params)[0],
+                         jax.tree_util.tree_leaves(st1.params)[0])
+
+
+ALL_STRATEGIES = [("vmap", "scan"), ("vmap", "python"), ("loop", "python"), ("loop", "scan")]
+
+
+@pytest.mark.parametrize("arch,strategies", [("cnn", ALL_STRATEGIES),
+                                             ("resnet", ALL_STRATEGIES[1:3])])
+def test_strategies_agree(arch, strategies):
+  """vmap+scan, vmap+python, loop+python and loop+scan give the same numbers (ResNet: the two
+  step-by-step ones; convolutions in scan are very slow to run on CPU)."""
+  results = []
+  for strategy, loop in strategies:
+    eng, st, ds, dk, ak, bs = _setup(arch, 2, strategy, loop)
+    results.append(_run_epochs(eng, st, ds, dk, ak, bs, epochs=1))
+  for other in results[1:]:
+    _assert_trees_close(results[0].params, other.params, rtol=1e-4, atol=1e-5)
+    _assert_trees_close(results[0].batch_stats, other.batch_stats, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy,loop", [("vmap", "scan"), ("loop", "python")])
+def test_nan_member_does_not_affect_others(strategy, loop):
+  eng, st, ds, dk, ak, bs = _setup("mlp", 3, strategy, loop)
+  clean = _run_epochs(eng, st, ds, dk, ak, bs)
+  eng, st, ds, dk, ak, bs = _setup("mlp", 3, strategy, loop)
+  # Blow up member 1: huge weights make its loss non-finite at the first step.
+  poisoned = jax.tree_util.tree_map(lambda a: a.at[1].multiply(1e30), st.params)
+  st = st.replace(params=poisoned)
+  poisoned = jax.tree_util.tree_map(np.asarray, poisoned)  # the step donates its input buffers
+  bad = _run_epochs(eng, st, ds, dk, ak, bs)
+  assert np.asarray(bad.diverged).tolist() == [False, True, False]
+  assert np.asarray(bad.diverged_step).tolist() == [-1, 0, -1]
+  for i in (0, 2):  # bit for bit
+    for a, b in zip(jax.tree_util.tree_leaves(_member(clean.params, i)),
+                    jax.tree_util.tree_leaves(_member(bad.params, i))):
+      np.testing.assert_array_equal(a, b)
+  # The diverged member was frozen at its last finite state (its poisoned init), not NaN.
+  for a, b in zip(jax.tree_util.tree_leaves(_member(poisoned, 1)),
+                  jax.tree_util.tree_leaves(_member(bad.params, 1))):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_no_recompilation_after_first_epoch():
+  eng, st, ds, dk, ak, bs = _setup("mlp", 2, "vmap", "scan")
+  st = _run_epochs(eng, st, ds, dk, ak, bs, epochs=1)
+  sizes = {k: f._cache_size() for k, f in eng._compiled.items()}  # pylint: disable=protected-access
+  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  for e in (2, 3):
+    idx = data_lib.epoch_permutations(dk, e, ds.num_train, bs)
+    st, _ = eng.train_epoch(st, x, y, idx, ak, e * 8)
+  assert {k: f._cache_size() for k, f in eng._compiled.items()} == sizes == {"vmap_scan": 1}
+
+
+def test_optimizer_and_strategy_errors():
+  with pytest.raises(ValueError, match="unknown optimiser 'rmsprop'.*sgd, adam, adamw"):
+    ens.make_optimizer(dict(name="rmsprop"), 10, 1)
+  with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+    ens.make_optimizer(dict(name="sgd", schedule="linear"), 10, 1)
+  with pytest.raises(ValueError, match="lr=-0.1"):
+    ens.make_optimizer(dict(name="sgd", lr=-0.1), 10, 1)
+  with pytest.raises(ValueError, match="unknown member_strategy 'threads'"):
+    ens.Engine(None, None, member_strategy="threads")
+
+
+def test_step_schedule_decays_at_milestones():
+  tx = ens.make_optimizer(dict(name="sgd", lr=0.1, momentum=0.0, schedule="step"), 10, 4)
+  params = {"w": jnp.zeros(())}
+  opt = tx.init(params)
+  lrs = []
+  for _ in range(40):  # gradient 1 -> update = -lr
+    upd, opt = tx.update({"w": jnp.ones(())}, opt, params)
+    lrs.append(-float(upd["w"]))
+  np.testing.assert_allclose(lrs[:20], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(lrs[20:30], 0.01, rtol=1e-5)
+  np.testing.assert_allclose(lrs[30:], 0.001, rtol=1e-5)
+
+
+def test_sharded_run_equals_single_device(tmp_path):
+  """4 CPU devices sharding the runs axis give the same scores as 1 device."""
+  script = textwrap.dedent(f"""
+      import os, sys
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+      sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+      import jax, numpy as np
+      assert len(jax.devices()) == 4, jax.devices()
+      from conftest import tiny_config
+      from jaxdiff import train
+      out = {{}}
+      for nd in (4, 1):
+        c = tiny_config("mlp", num_runs=4, num_devices=nd)
+        res = train.train_and_evaluate(c, os.path.join({str(tmp_path)!r}, f"d{{nd}}"))
+        leaf = jax.tree_util.tree_leaves(res["state"].params)[0]
+        out[nd] = (leaf, np.load(os.path.join({str(tmp_path)!r}, f"d{{nd}}", "scores", "loss.npy")))
+        if nd == 4:
+          assert len(leaf.sharding.device_set) == 4, leaf.sharding
+      np.testing.assert_allclose(np.asarray(out[4][0]), np.asarray(out[1][0]), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(out[4][1], out[1][1], rtol=1e-5, atol=1e-6)
+      print("OK")
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                     timeout=300)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
