@@ -108,7 +108,7 @@ def validate_arrays(x_train, y_train, x_test=None, y_test=None, num_classes=None
       if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
         bad = int(np.argmax(~(np.isfinite(y) & (y == np.round(y)))))
         raise DataError(f"{source}: y_{split} must hold integer class labels; y_{split}[{bad}] "
-                        f"= {y[bad]!r}")
+                        f"= {y[bad].item()!r}")
     elif not np.issubdtype(y.dtype, np.integer):
       raise DataError(f"{source}: y_{split} has dtype {y.dtype}; expected integer labels")
     if y.min() < 0:

@@ -72,6 +72,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.get("name") not in models.MODELS:
     raise ConfigError(f"unknown architecture {config.model.get('name')!r}; valid: "
                       f"{', '.join(sorted(models.MODELS))}")
+  ens.make_optimizer(config.optim, 1, 1)  # raises on unknown names / bad values
+  for field, valid in (("member_strategy", ens.MEMBER_STRATEGIES), ("epoch_loop", ens.EPOCH_LOOPS)):
+    if config.get(field, "auto") not in valid:
+      raise ConfigError(f"config.{field}={config.get(field)!r}; valid: {', '.join(valid)}")
   recording.validate(config.get("scores", {}))
 
 

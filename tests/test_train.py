@@ -1,0 +1,90 @@
+"""Tests of the training loop: learning, logs, resume == uninterrupted, refusals, the script."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxdiff import store
+from jaxdiff import train
+from conftest import ROOT, tiny_config
+
+
+def test_trains_logs_and_saves_scores(tmp_path):
+  c = tiny_config("mlp", num_epochs=4)
+  res = train.train_and_evaluate(c, str(tmp_path))
+  recs = train.read_metrics(str(tmp_path))
+  assert len(recs) == 4 * 3 and {r["member"] for r in recs} == {0, 1, 2}
+  loss = {e: np.mean([r["train_loss"] for r in recs if r["epoch"] == e]) for e in (1, 4)}
+  assert loss[4] < 0.8 * loss[1]
+  acc = [r["test_acc"] for r in recs if r["epoch"] == 4]
+  assert min(acc) > 0.2  # well above chance (0.1) after 4 tiny epochs
+  s = store.load_scores(str(tmp_path / "scores"))
+  assert s.meta["dataset"] == "mnist1d" and s.meta["diverged"] == [False] * 3
+  # Saved final scores agree with the logged final-epoch metrics.
+  np.testing.assert_allclose(s.scores["loss"].mean(1), [r["train_loss"] for r in recs
+                                                        if r["epoch"] == 4], rtol=1e-4)
+  np.testing.assert_allclose(1 - np.asarray(res["test_acc"]), 1 - np.asarray(acc), atol=1e-6)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["model"]["width"] == 16
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  c = tiny_config("mlp", num_epochs=4, checkpoint_every=2)
+  full = tmp_path / "full"
+  train.train_and_evaluate(c, str(full))
+  cut = tmp_path / "cut"
+  train.train_and_evaluate(c, str(cut))
+  # Simulate a kill right after the epoch-2 checkpoint: drop what came later.
+  shutil.rmtree(cut / "checkpoints" / "4")
+  shutil.rmtree(cut / "scores")
+  train.train_and_evaluate(c, str(cut))
+  a, b = store.load_scores(str(full / "scores")), store.load_scores(str(cut / "scores"))
+  for name in a.scores:
+    np.testing.assert_array_equal(a.scores[name], b.scores[name])
+  assert train.read_metrics(str(full)) == train.read_metrics(str(cut))
+
+
+def test_resume_refuses_other_config(tmp_path):
+  train.train_and_evaluate(tiny_config("mlp", num_epochs=1), str(tmp_path))
+  with pytest.raises(train.ConfigError, match=r"model.width: workdir has 16, config has 32"):
+    train.train_and_evaluate(tiny_config("mlp", num_epochs=1, **{"model.width": 32}),
+                             str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.name": "transformer"}, "unknown architecture 'transformer'; valid: cnn, linear, mlp"),
+    ({"optim.name": "lamb"}, "unknown optimiser 'lamb'"),
+    ({"num_runs": -2}, r"num_runs=-2: must be a positive integer"),
+    ({"batch_size": 0}, r"batch_size=0"),
+    ({"data.name": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
+    ({"model.width": -5}, r"model.width=-5: must be positive"),
+])
+def test_bad_config_is_refused_before_writing(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(tiny_config("mlp", **overrides), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_all_members_diverging_stops_with_clear_error(tmp_path):
+  c = tiny_config("mlp", num_epochs=2, **{"optim.name": "sgd", "optim.lr": 1e12})
+  with pytest.raises(train.DivergenceError, match="all 3 members diverged"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_script_runs_and_refuses_bad_arch(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+         f"--config={os.path.join(ROOT, 'experiments', 'configs', 'default.py')}",
+         f"--workdir={tmp_path / 'w'}", "--config.num_runs=2", "--config.num_epochs=1",
+         "--config.data.num_samples=300", "--config.model.width=8", "--config.progress=False"]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert store.load_scores(str(tmp_path / "w" / "scores")).num_runs == 2
+  r = subprocess.run(cmd[:3] + [f"--workdir={tmp_path / 'v'}", "--config.model.name=rnn"],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "unknown architecture 'rnn'" in r.stderr
+  assert not (tmp_path / "v").exists()
