@@ -53,14 +53,19 @@ def logreg_loss_and_grad(params: np.ndarray, x: np.ndarray, onehot: np.ndarray,
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
-               max_iter: int = 500, gtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-  """Fits multinomial L2 logistic regression (`logreg_loss_and_grad`) by L-BFGS from zero.
+               init: tuple[np.ndarray, np.ndarray] | None = None, max_iter: int = 500,
+               gtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+  """Fits multinomial L2 logistic regression (`logreg_loss_and_grad`) by L-BFGS.
+
+  The objective is strictly convex in W for l2 > 0, so the start (zero, or `init` to warm-start
+  along a regularisation path) changes only the iteration count.
 
   Args:
     x: `[R, D]` features (z-scored: the penalty assumes comparable scales).
     y: `[R]` int labels in [0, num_classes).
     num_classes: C.
     l2: penalty strength.
+    init: optional starting `(W [D, C], b [C])`.
 
   Returns:
     `(W [D, C], b [C])`.
@@ -70,7 +75,9 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
     raise ValueError(f"l2 must be >= 0; got {l2}")
   r, d = x.shape
   onehot = np.eye(num_classes)[np.asarray(y)]
-  res = optimize.minimize(logreg_loss_and_grad, np.zeros(d * num_classes + num_classes),
+  x0 = (np.zeros(d * num_classes + num_classes) if init is None
+        else np.concatenate([np.ravel(init[0]), np.ravel(init[1])]))
+  res = optimize.minimize(logreg_loss_and_grad, x0,
                           args=(x, onehot, float(l2)), jac=True, method="L-BFGS-B",
                           options={"maxiter": max_iter, "gtol": gtol, "ftol": 1e-12})
   p = res.x
@@ -82,7 +89,8 @@ def logreg_log_proba(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
   return special.log_softmax(np.asarray(x, np.float64) @ w + b, axis=1)
 
 
-def stratified_folds(y: np.ndarray, n_folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def stratified_folds(y: np.ndarray, n_folds: int,
+                     seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
   """Seeded stratified k-fold split: each class's runs dealt round-robin over the folds.
 
   Returns:
@@ -122,9 +130,10 @@ def cv_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, *, l2_grid=DEFAULT
     return float(grid[len(grid) // 2]), np.full(grid.size, np.nan)
   losses = np.zeros(grid.size)
   for tr, va in stratified_folds(y, folds, seed):
-    for i, l2 in enumerate(grid):
-      w, b = fit_logreg(x[tr], y[tr], num_classes, l2)
-      losses[i] -= logreg_log_proba(x[va], w, b)[np.arange(len(va)), y[va]].sum()
+    params = None
+    for i in np.argsort(-grid, kind="stable"):  # strong to weak penalty, warm-started
+      params = fit_logreg(x[tr], y[tr], num_classes, grid[i], init=params)
+      losses[i] -= logreg_log_proba(x[va], *params)[np.arange(len(va)), y[va]].sum()
   losses /= len(y)
   best = np.flatnonzero(losses <= losses.min() * (1 + 1e-9) + 1e-12).max()
   return float(grid[best]), losses
@@ -191,7 +200,8 @@ def hungarian_match(clusters: np.ndarray, y: np.ndarray, num_classes: int) -> np
   return mapping
 
 
-def class_centroids(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def class_centroids(x: np.ndarray, y: np.ndarray,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   """Class means `[C, D]` and pooled within-class std `[D]` (dof R - C, floored at 1e-6)."""
   x = np.asarray(x, np.float64)
   onehot = np.eye(num_classes)[np.asarray(y)]
@@ -315,7 +325,8 @@ def train_classifier(f: np.ndarray, y: np.ndarray, num_classes: int, *, l2_grid=
   y = np.asarray(y)
   counts = np.bincount(y, minlength=num_classes)
   if counts.shape[0] != num_classes or counts.min() < 1:
-    raise ValueError(f"every one of {num_classes} classes needs fit runs; got counts {counts.tolist()}")
+    raise ValueError(f"every one of {num_classes} classes needs fit runs; "
+                     f"got counts {counts.tolist()}")
   mean, std = zscore_stats(f)
   z = (np.asarray(f, np.float64) - mean) / std
   l2, _ = cv_logreg(z, y, num_classes, l2_grid=l2_grid, n_folds=cv_folds, seed=seed)

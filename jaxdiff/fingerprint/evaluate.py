@@ -2,9 +2,9 @@
 
 Also the report writers (markdown/CSV tables) and the accuracy-versus-k figure (matplotlib, Agg).
 
-Protocol: each architecture's runs are split once, seeded, into fit and test runs. Example selection,
-z-scoring, the L2 strength (cross-validated), k-means and the "none of these" threshold all see the fit
-runs only; test accuracy is measured on the test runs only.
+Protocol: each architecture's runs are split once, seeded, into fit and test runs. Example
+selection, z-scoring, the L2 strength (cross-validated), k-means and the "none of these" threshold
+all see the fit runs only; test accuracy is measured on the test runs only.
 """
 
 from __future__ import annotations
@@ -45,6 +45,26 @@ class RunScores:
     return len(self.arch_names)
 
 
+def load_workdirs(workdirs: Sequence[str], names: Sequence[str] | None = None
+                  ) -> dict[str, store.ScoreSet]:
+  """Loads `<workdir>/scores` of each training workdir, keyed by architecture name.
+
+  Names default to each set's `meta["arch"]`, or to the workdir base names when those repeat
+  (two CNN widths may both say "cnn").
+  """
+  if not workdirs:
+    raise ValueError("give at least one workdir")
+  sets = [store.load_scores(os.path.join(w, "scores")) for w in workdirs]
+  if names is None or len(names) == 0:
+    names = [str(s.meta.get("arch", "")) for s in sets]
+    if len(set(names)) != len(names) or "" in names:
+      names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(names) != len(workdirs) or len(set(names)) != len(names):
+    raise ValueError(f"need one distinct name per workdir; got names {list(names)} for "
+                     f"{len(workdirs)} workdirs")
+  return dict(zip(names, sets))
+
+
 def collect_runs(sets: Mapping[str, store.ScoreSet], score_names: Sequence[str]) -> RunScores:
   """Stacks the valid (non-diverged) runs of each architecture's score set.
 
@@ -74,12 +94,13 @@ def collect_runs(sets: Mapping[str, store.ScoreSet], score_names: Sequence[str])
                    example_ids=np.asarray(first.example_ids), dataset=first.meta.get("dataset"))
 
 
-def split_runs(y: np.ndarray, fit_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_runs(y: np.ndarray, fit_fraction: float = 0.5,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Seeded stratified split of runs into disjoint fit and test runs.
 
   Each architecture's runs are shuffled; the first round(fit_fraction * n) (at least 1, at most
-  n - 1) are fit runs. Fit runs are returned architecture by architecture in their shuffled order, so
-  taking the first m of each gives nested subsets (`accuracy_vs_fit_runs`).
+  n - 1) are fit runs. Fit runs are returned architecture by architecture in their shuffled order,
+  so taking the first m of each gives nested subsets (`accuracy_vs_fit_runs`).
 
   Returns:
     `(fit_idx, test_idx)` int arrays into the runs.
@@ -109,9 +130,11 @@ def _fit_eval(data: RunScores, fit_idx, test_idx, *, k, ranking, method, classif
   """Trains on fit runs with the ranking's top k; returns ({classifier: accuracy}, n_selected)."""
   fp = model.fit_fingerprint(data.x[fit_idx], data.y[fit_idx], arch_names=data.arch_names,
                              score_names=data.score_names, example_ids=data.example_ids, k=k,
-                             method=method, ranking=ranking, dataset=data.dataset, **opts)
+                             method=method, ranking=ranking, calibrate=False,
+                             dataset=data.dataset, **opts)
   f_test = _features(data.x[test_idx], ranking.top(k))
-  acc = {c: float(np.mean(fp.classifier.predict(f_test, c) == data.y[test_idx])) for c in classifiers}
+  acc = {c: float(np.mean(fp.classifier.predict(f_test, c) == data.y[test_idx]))
+         for c in classifiers}
   return acc, len(fp.example_ids)
 
 
@@ -158,7 +181,8 @@ def accuracy_vs_k(data: RunScores, fit_idx: np.ndarray, test_idx: np.ndarray, *,
   _check_split(data, fit_idx, test_idx)
   for m in methods:
     if m not in selection.SELECTION_METHODS:
-      raise ValueError(f"unknown selection method {m!r}; valid choices: {selection.SELECTION_METHODS}")
+      raise ValueError(f"unknown selection method {m!r}; "
+                       f"valid choices: {selection.SELECTION_METHODS}")
   opts = _opts(seed, l2_grid, cv_folds, kmeans_restarts, test, alpha)
   ks = _ks(ks, data.x.shape[2])
   xf, yf = data.x[fit_idx], data.y[fit_idx]
@@ -166,8 +190,9 @@ def accuracy_vs_k(data: RunScores, fit_idx: np.ndarray, test_idx: np.ndarray, *,
   common = dict(n_fit=len(fit_idx), n_test=len(test_idx), chance=1.0 / data.num_classes)
   for method in methods:
     repeats = random_repeats if method == "random" else 1
-    rankings = [selection.rank_examples(xf, yf, method, test=test, alpha=alpha, seed=seed + 1000 * rep,
-                                        l2_grid=l2_grid, cv_folds=cv_folds) for rep in range(repeats)]
+    rankings = [selection.rank_examples(xf, yf, method, test=test, alpha=alpha,
+                                        seed=seed + 1000 * rep, l2_grid=l2_grid, cv_folds=cv_folds)
+                for rep in range(repeats)]
     for k in ks:
       accs = {c: [] for c in classifiers}
       n_sel = None
@@ -223,7 +248,8 @@ def accuracy_vs_fit_runs(data: RunScores, fit_idx: np.ndarray, test_idx: np.ndar
   tables = []
   for m in grid:
     sub = np.concatenate([p[:m] for p in per])
-    t = accuracy_vs_k(data, sub, test_idx, ks=[k], methods=methods, classifiers=classifiers, **kwargs)
+    t = accuracy_vs_k(data, sub, test_idx, ks=[k], methods=methods, classifiers=classifiers,
+                      **kwargs)
     tables.append(t.assign(fit_runs_per_arch=m))
   return pd.concat(tables, ignore_index=True)
 
@@ -237,7 +263,7 @@ def holdout(data: RunScores, fit_idx: np.ndarray, test_idx: np.ndarray, *, k: in
   For each architecture h: select and train on the fit runs of the others only; then classify every
   run of h (none was seen) and the test runs of the others. The "none of these" rule flags a run
   whose distance to the nearest known class centroid (`classify.centroid_distance`) exceeds the
-  `none_quantile` quantile of the fit runs' leave-one-out distances to their own centroid.
+  `none_quantile` quantile of out-of-fold distances of the fit runs (`model.calibrate_threshold`).
 
   As an independent reference for "nearest relative", nearest_by_mean_scores is the known
   architecture whose per-example mean score vector (over fit runs, all N examples, all scores) is
@@ -245,16 +271,18 @@ def holdout(data: RunScores, fit_idx: np.ndarray, test_idx: np.ndarray, *, k: in
 
   Returns:
     One row per held-out architecture: held_out, assigned_to (most frequent prediction),
-    assigned_fractions ("name:fraction; ..."), nearest_by_mean_scores, flagged_fraction (of h's runs),
-    known_false_flag (fraction of the others' test runs flagged), known_accuracy, mean_max_proba
-    (held-out runs) and known_mean_max_proba, n_held_out, n_known_test, k, method.
+    assigned_fractions ("name:fraction; ..."), nearest_by_mean_scores, flagged_fraction (of h's
+    runs), known_false_flag (fraction of the others' test runs flagged), known_accuracy,
+    mean_max_proba (held-out runs) and known_mean_max_proba, n_held_out, n_known_test, k, method.
   """
   if data.num_classes < 3:
-    raise ValueError(f"hold-one-out needs >= 3 architectures (2 left to train on); got {data.num_classes}")
+    raise ValueError(f"hold-one-out needs >= 3 architectures (2 left to train on); "
+                     f"got {data.num_classes}")
   _check_split(data, fit_idx, test_idx)
   rows = []
   fit_idx, test_idx = np.asarray(fit_idx), np.asarray(test_idx)
-  profile = np.stack([data.x[fit_idx[data.y[fit_idx] == c]].mean(0) for c in range(data.num_classes)])
+  profile = np.stack([data.x[fit_idx[data.y[fit_idx] == c]].mean(0)
+                      for c in range(data.num_classes)])  # [C, S, N]
   for h, held in enumerate(data.arch_names):
     known = [c for c in range(data.num_classes) if c != h]
     relabel = np.full(data.num_classes, -1)
@@ -335,25 +363,27 @@ def plot_accuracy_vs_k(df: pd.DataFrame, path: str, title: str = "") -> None:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7.5, 4))
   styles = {"logreg": "-", "kmeans": "--"}
   colors = dict(zip(list(selection.SELECTION_METHODS) + [BASELINE],
                     ["C0", "C1", "C2", "C3", "0.3"]))
   for (method, clf), g in df.groupby(["method", "classifier"], sort=False):
     g = g.sort_values("k")
-    ls = ":" if method == BASELINE else styles.get(clf, "-")
+    ls = (":" if clf == "logreg" else "-.") if method == BASELINE else styles.get(clf, "-")
     label = f"{'dataset-mean score' if method == BASELINE else method} / {clf}"
     ax.errorbar(g["k"], g["accuracy"], yerr=g["accuracy_sd"] if (g["repeats"] > 1).any() else None,
                 ls=ls, marker="o" if method != BASELINE else None, ms=3,
                 color=colors.get(method), label=label, capsize=2)
   ax.axhline(float(df["chance"].iloc[0]), color="0.6", lw=1, label="chance")
   ax.set_xscale("log")
+  ks = sorted(df["k"].unique())
+  ax.set_xticks(ks, [str(k) for k in ks])
   ax.set_xlabel("k (selected examples)")
   ax.set_ylabel("test accuracy (held-out runs)")
   ax.set_ylim(0, 1.02)
   if title:
     ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=6, ncol=2)
+  ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format=os.path.splitext(path)[1][1:] or "png", dpi=150)
@@ -369,6 +399,7 @@ class Report:
   holdout: pd.DataFrame | None
   fingerprint: model.Fingerprint
   header: str
+  title: str = ""
 
 
 def run_report(data: RunScores, *, ks: Sequence[int] = DEFAULT_KS,
@@ -400,7 +431,9 @@ def run_report(data: RunScores, *, ks: Sequence[int] = DEFAULT_KS,
             f"runs per architecture {counts}; fit/test split {len(fit_idx)}/{len(test_idx)} runs "
             f"(fit_fraction={fit_fraction}, seed={seed}); per-example test: {test}; "
             f"chance = {1 / data.num_classes:.3f}")
-  return Report(acc_k, acc_r, hold, fp, header)
+  title = (f"{'+'.join(data.score_names)} on {data.dataset}: {', '.join(data.arch_names)}; "
+           f"{len(test_idx)} test runs")
+  return Report(acc_k, acc_r, hold, fp, header, title)
 
 
 def write_report(report: Report, out_dir: str) -> dict[str, str]:
@@ -417,25 +450,25 @@ def write_report(report: Report, out_dir: str) -> dict[str, str]:
   put("accuracy_vs_k.csv", report.accuracy_vs_k.to_csv(index=False))
   put("accuracy_vs_k.md", table)
   put("accuracy_vs_fit_runs.csv", report.accuracy_vs_fit_runs.to_csv(index=False))
-  runs = report.accuracy_vs_fit_runs[["fit_runs_per_arch", "method", "classifier", "k", "n_selected",
-                                      "accuracy", "accuracy_sd", "n_test"]]
+  runs = report.accuracy_vs_fit_runs[["fit_runs_per_arch", "method", "classifier", "k",
+                                      "n_selected", "accuracy", "accuracy_sd", "n_test"]]
   md = ["# Architecture fingerprint report", "", report.header, "",
         "## Test accuracy vs k", "", table, "## Test accuracy vs fit runs per architecture", "",
         frame_markdown(runs)]
   if report.holdout is not None:
     put("holdout.csv", report.holdout.to_csv(index=False))
     md += ["## Hold one architecture out", "",
-           "Trained without the held-out architecture; `flagged_fraction` is how many of its runs the "
-           "'none of these' distance rule flags, `known_false_flag` how many test runs of known "
-           "architectures it flags.", "", frame_markdown(report.holdout)]
+           "Trained without the held-out architecture; `flagged_fraction` is how many of its runs "
+           "the 'none of these' distance rule flags, `known_false_flag` how many test runs of "
+           "known architectures it flags.", "", frame_markdown(report.holdout)]
   paths["figure"] = os.path.join(out_dir, "accuracy_vs_k.png")
-  plot_accuracy_vs_k(report.accuracy_vs_k, paths["figure"], title=report.header[:120])
+  plot_accuracy_vs_k(report.accuracy_vs_k, paths["figure"], title=report.title)
   paths["fingerprint"] = os.path.join(out_dir, "fingerprint")
   report.fingerprint.save(paths["fingerprint"])
   fp = report.fingerprint
   md += ["## Saved fingerprint", "",
-         f"`fingerprint/`: {len(fp.example_ids)} examples chosen by {fp.info['method']} on fit runs "
-         f"only; example ids {fp.example_ids.tolist()[:20]}; L2 = {fp.classifier.l2:g}; "
+         f"`fingerprint/`: {len(fp.example_ids)} examples chosen by {fp.info['method']} on fit "
+         f"runs only; example ids {fp.example_ids.tolist()[:20]}; L2 = {fp.classifier.l2:g}; "
          f"'none of these' threshold {fp.classifier.threshold:.3f}. Apply with "
          "`jaxdiff.fingerprint.load_fingerprint(dir).predict(jaxdiff.store.load_scores(...))`.", ""]
   put("report.md", "\n".join(md))

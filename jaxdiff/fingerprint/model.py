@@ -1,7 +1,7 @@
 """A saved architecture fingerprint: selected example ids, normalisation and classifiers.
 
-`fit_fingerprint` builds one from fit runs; `Fingerprint.save` / `load_fingerprint` store it as plain
-numpy + json; `Fingerprint.predict` answers "which architecture trained this?" for new score sets.
+`fit_fingerprint` builds one from fit runs; `Fingerprint.save` / `load_fingerprint` store it as
+plain numpy + json; `Fingerprint.predict` answers "which architecture trained this?" for new runs.
 
 Layout of a fingerprint directory (readable with numpy/json alone)::
 
@@ -118,9 +118,10 @@ class Fingerprint:
           return a.astype(np.float64)
         if a.ndim == 3 and a.shape[1:] == (len(names), k):
           return a.reshape(a.shape[0], -1).astype(np.float64)
+        alt = f" or [runs, {k}]" if len(names) == 1 else ""
         raise ValueError(f"without example_ids, scores must already be the fingerprint's examples: "
-                         f"[runs, {len(names)}, {k}]" + (f" or [runs, {k}]" if len(names) == 1 else "")
-                         + f"; got shape {a.shape}. Pass example_ids to select them from [runs, N].")
+                         f"[runs, {len(names)}, {k}]{alt}; got shape {a.shape}. Pass example_ids "
+                         "to select them from [runs, N].")
       if a.ndim == 3 and a.shape[1] == len(names):
         arrays = [a[:, i] for i in range(len(names))]
       elif len(names) == 1:
@@ -191,9 +192,13 @@ def fit_fingerprint(x: np.ndarray, y: np.ndarray, *, arch_names: Sequence[str],
                     method: str = "pvalue", test: str = "anova", alpha: float = 0.05,
                     seed: int = 0, l2_grid=classify.DEFAULT_L2_GRID, cv_folds: int = 5,
                     kmeans_restarts: int = 10, none_quantile: float = 0.99,
-                    ranking: selection.Ranking | None = None,
+                    ranking: selection.Ranking | None = None, calibrate: bool = True,
                     dataset: str | None = None) -> Fingerprint:
   """Selects k examples and trains the classifiers, all on the runs given (pass FIT runs only).
+
+  The "none of these" threshold is calibrated out of fold (`calibrate_threshold`): examples chosen
+  on the same runs that the centroids come from look tighter than they are for new runs (selection
+  bias), which a leave-one-out distance alone misses when runs are few.
 
   Args:
     x: `[R, S, N]` fit-run scores; y: `[R]` architecture labels 0..C-1.
@@ -202,6 +207,8 @@ def fit_fingerprint(x: np.ndarray, y: np.ndarray, *, arch_names: Sequence[str],
     method, test, alpha: see `selection.rank_examples`.
     seed, l2_grid, cv_folds, kmeans_restarts, none_quantile: see `classify.train_classifier`.
     ranking: a precomputed `selection.Ranking` of these same runs (reused across k); else computed.
+    calibrate: calibrate the "none of these" threshold out of fold (else the cheaper, optimistic
+      leave-one-out quantile of `classify.train_classifier`).
     dataset: recorded and checked against score sets at prediction time.
 
   Returns:
@@ -223,18 +230,62 @@ def fit_fingerprint(x: np.ndarray, y: np.ndarray, *, arch_names: Sequence[str],
   clf = classify.train_classifier(x[:, :, idx].reshape(r, -1), y, len(arch_names),
                                   l2_grid=l2_grid, cv_folds=cv_folds, seed=seed,
                                   kmeans_restarts=kmeans_restarts, none_quantile=none_quantile)
+  calibration = "leave-one-out"
+  if calibrate:
+    thr = calibrate_threshold(x, y, len(arch_names), k=len(idx), method=method, test=test,
+                              alpha=alpha, seed=seed, l2_grid=l2_grid, cv_folds=cv_folds,
+                              none_quantile=none_quantile)
+    if thr is not None:
+      clf.threshold, calibration = thr, "out-of-fold"
   info = dict(method=method, test=test, alpha=alpha, k=int(k), seed=seed, dataset=dataset,
-              num_fit_runs=int(r), none_quantile=none_quantile)
+              num_fit_runs=int(r), none_quantile=none_quantile, threshold_calibration=calibration)
   return Fingerprint(arch_names=list(arch_names), score_names=list(score_names),
                      example_ids=np.asarray(example_ids)[idx].astype(np.int64), classifier=clf,
                      info=info)
+
+
+def calibrate_threshold(x: np.ndarray, y: np.ndarray, num_classes: int, *, k: int, method: str,
+                        test: str = "anova", alpha: float = 0.05, seed: int = 0,
+                        l2_grid=classify.DEFAULT_L2_GRID, cv_folds: int = 5,
+                        none_quantile: float = 0.99) -> float | None:
+  """Out-of-fold "none of these" threshold: the distance a known run has when it was not fit.
+
+  Stratified folds of the runs given: on each training part, rank examples again (same method;
+  Bonferroni as its p-value order, so that k examples are kept), take the top k, z-score and compute
+  class centroids and within-class std there, and measure the held-out part's distance to the
+  nearest centroid (`classify.centroid_distance`). The threshold is the `none_quantile` quantile of
+  these distances, so about 1 - none_quantile of new runs of known architectures are flagged; fewer
+  training runs per fold make it slightly conservative.
+
+  Args:
+    x: `[R, S, N]` fit-run scores; y: `[R]` labels; num_classes: C; k: examples per fold.
+
+  Returns:
+    The threshold, or None when some class has fewer than 2 runs (no fold possible).
+  """
+  counts = np.bincount(np.asarray(y), minlength=num_classes)
+  folds = min(int(cv_folds), int(counts.min()))
+  if folds < 2 or k < 1:
+    return None
+  fold_method = "pvalue" if method == "bonferroni" else method
+  dist = np.empty(len(y))
+  for tr, va in classify.stratified_folds(y, folds, seed + 7):
+    ranking = selection.rank_examples(x[tr], y[tr], fold_method, test=test, alpha=alpha, seed=seed,
+                                      l2_grid=l2_grid, cv_folds=cv_folds)
+    idx = ranking.top(k)
+    f_tr, f_va = x[tr][:, :, idx].reshape(len(tr), -1), x[va][:, :, idx].reshape(len(va), -1)
+    mean, std = classify.zscore_stats(f_tr)
+    centroids, within = classify.class_centroids((f_tr - mean) / std, y[tr], num_classes)
+    dist[va] = classify.centroid_distance((f_va - mean) / std, centroids, within).min(1)
+  return float(np.quantile(dist, none_quantile))
 
 
 def load_fingerprint(directory: str) -> Fingerprint:
   """Loads a directory written by `Fingerprint.save`, checking it is complete and consistent."""
   meta_path = os.path.join(directory, META)
   if not os.path.exists(meta_path):
-    raise ValueError(f"{directory!r} has no {META}: not a fingerprint, or its write was interrupted")
+    raise ValueError(f"{directory!r} has no {META}: not a fingerprint, or its write was "
+                     "interrupted")
   with open(meta_path) as f:
     meta = json.load(f)
   arrays = {}
@@ -249,7 +300,8 @@ def load_fingerprint(directory: str) -> Fingerprint:
                   within_std=(d,))
   for name, shape in expected.items():
     if arrays[name].shape != shape:
-      raise ValueError(f"{name}.npy in {directory!r} has shape {arrays[name].shape}, expected {shape}")
+      raise ValueError(f"{name}.npy in {directory!r} has shape {arrays[name].shape}, "
+                       f"expected {shape}")
   clf = classify.Classifier(mean=arrays["mean"], std=arrays["std"], weights=arrays["weights"],
                             bias=arrays["bias"], l2=float(meta["l2"]),
                             kmeans_centroids=arrays["kmeans_centroids"],

@@ -1,6 +1,6 @@
 """Per-example architecture-sensitivity tests and the choice of the k fingerprint examples.
 
-Ranks training examples by how strongly their difficulty score separates architectures, on fit runs only.
+Ranks training examples by how strongly their difficulty score separates architectures (fit runs).
 
 Following Kwok et al., "Dataset Difficulty and the Role of Inductive Bias" (arXiv 2401.01867), which
 borrows from statistical genetics (association tests per locus, here per example): an example whose
