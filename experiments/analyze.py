@@ -2,13 +2,17 @@
 
   python experiments/analyze.py --workdirs=workdirs/mlp,workdirs/cnn --out=report/
 
-writes report/report.md, report/tables/*.csv|json, report/per_example/*.npz and report/figures/*.png.
+writes report/report.md, report/tables/*.csv|json, report/per_example/*.npz, report/figures/*.png.
 With one workdir the architecture-sensitivity sections are skipped. Expected runtime: seconds for
 MNIST-1D-sized runs; ~30 s for 4 architectures x 100 runs x 50,000 examples x 10 scores on 2 cores.
 """
 
-import json
 import os
+
+# analyze() runs its stages in threads: one BLAS thread each avoids oversubscribing the cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags

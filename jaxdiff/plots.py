@@ -1,7 +1,7 @@
 """Figures of the analysis report: reliability curves, heatmaps, scree, Manhattan plots, galleries.
 
-Each function takes plain arrays and an output path and writes a PNG atomically; figures are built on
-`matplotlib.figure.Figure` (Agg canvas), so no pyplot state or global backend is touched.
+Each function takes plain arrays and an output path and writes a PNG atomically; figures are built
+on `matplotlib.figure.Figure` (Agg canvas), so no pyplot state or global backend is touched.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def gallery(x: np.ndarray, kind: str, groups: Mapping[str, Sequence[int]], path:
   if not rows:
     raise ValueError("gallery needs at least one non-empty group")
   cols = max(len(idx) for _, idx in rows)
-  fig = Figure(figsize=(1.6 * cols, 1.6 * len(rows) + 0.5))
+  fig = Figure(figsize=(1.6 * cols, 1.9 * len(rows) + 0.5))
   axes = fig.subplots(len(rows), cols, squeeze=False)
   for r, (name, idx) in enumerate(rows):
     caps = (captions or {}).get(name, [])

@@ -1,7 +1,7 @@
 """Agreement between difficulty scores and between runs: correlations, PCA, top-k overlap.
 
-Is there a single notion of difficulty (Kwok et al. 2024, arXiv 2401.01867, Sec. 4), and do two scores
-or two runs select the same examples when a user prunes a fraction of the dataset?
+Is there a single notion of difficulty (Kwok et al. 2024, arXiv 2401.01867, Sec. 4), and do two
+scores or two runs select the same examples when a user prunes a fraction of the dataset?
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def stack_means(scores: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray
   if not scores:
     raise ValueError("no scores given")
   names = list(scores)
-  means = [check_scores(scores[k], name=k, min_runs=1).mean(axis=0, dtype=np.float64) for k in names]
+  means = [check_scores(scores[k], name=k, min_runs=1).mean(axis=0, dtype=np.float64)
+           for k in names]
   sizes = {k: m.size for k, m in zip(names, means)}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"scores cover different numbers of examples: {sizes}")
@@ -58,11 +59,12 @@ class Spectrum:
 
 
 def pca_spectrum(corr: np.ndarray, names: Sequence[str] | None = None) -> Spectrum:
-  """PCA across scores from their correlation matrix `[K, K]` (PCA on z-scored variables, Jolliffe 2002).
+  """PCA across scores from their correlation matrix `[K, K]` (PCA of z-scored variables; Jolliffe
+  2002, Sec. 2.3).
 
-  The share of the first component, lambda_1 / K, measures how far one notion of difficulty explains all
-  scores (1 / K if they are unrelated, 1 if they are identical up to scale and sign). Scores with NaN
-  correlations (constant scores) are dropped.
+  The share of the first component, lambda_1 / K, measures how far one notion of difficulty explains
+  all scores (1 / K if they are unrelated, 1 if they are identical up to scale and sign). Scores
+  with NaN correlations (constant scores) are dropped.
   """
   corr = np.asarray(corr, np.float64)
   if corr.ndim != 2 or corr.shape[0] != corr.shape[1]:
@@ -80,7 +82,7 @@ def pca_spectrum(corr: np.ndarray, names: Sequence[str] | None = None) -> Spectr
 
 
 def top_fraction_mask(x: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
-  """Bool mask of the k = max(1, round(fraction N)) hardest (largest) or easiest (smallest) examples.
+  """Bool mask of the k = max(1, round(fraction N)) hardest (largest) or easiest (smallest) ones.
 
   Uses the higher-is-harder sign convention of jaxdiff scores. Ties at the k-th value are broken
   arbitrarily (so exactly k examples are selected), as a pruning user's sort would.
@@ -105,15 +107,16 @@ def top_fraction_mask(x: np.ndarray, fraction: float, side: str = "hardest") -> 
   return mask
 
 
-def topk_overlap(x: np.ndarray, y: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
-  """|top_k(x) & top_k(y)| / k for matching rows of `x`, `y` `[..., N]`; chance level is `fraction`."""
+def topk_overlap(x: np.ndarray, y: np.ndarray, fraction: float,
+                 side: str = "hardest") -> np.ndarray:
+  """|top_k(x) & top_k(y)| / k for matching rows of `x`, `y` `[..., N]`; chance is `fraction`."""
   mx = top_fraction_mask(x, fraction, side)
   my = top_fraction_mask(y, fraction, side)
   return (mx & my).sum(-1) / mx.sum(-1)
 
 
 def overlap_matrix(x: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
-  """Top-k overlap between all pairs of rows of `x` `[K, N]` (e.g. K run-averaged scores): `[K, K]`."""
+  """Top-k overlap `[K, K]` between all pairs of rows of `x` `[K, N]` (e.g. averaged scores)."""
   m = top_fraction_mask(np.asarray(x), fraction, side).astype(np.float32)
   k = m[0].sum()
   return (m @ m.T).astype(np.float64) / k
@@ -148,7 +151,8 @@ def run_overlap(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS, *, n
   return rows
 
 
-def score_agreement(scores: Mapping[str, np.ndarray], *, methods: Sequence[str] = correlation.METHODS,
+def score_agreement(scores: Mapping[str, np.ndarray], *,
+                    methods: Sequence[str] = correlation.METHODS,
                     fractions: Sequence[float] = FRACTIONS) -> dict:
   """Agreement between the run-averaged scores of one ensemble.
 
@@ -158,8 +162,8 @@ def score_agreement(scores: Mapping[str, np.ndarray], *, methods: Sequence[str] 
     fractions: pruning fractions for the top-k overlaps.
 
   Returns:
-    dict with "names", "corr" (method -> `[K, K]`), "pca" (method -> `Spectrum`, not for Kendall whose
-    matrix is not a covariance), "overlap" ((fraction, side) -> `[K, K]`).
+    dict with "names", "corr" (method -> `[K, K]`), "pca" (method -> `Spectrum`, not for Kendall,
+    whose matrix is not a covariance), "overlap" ((fraction, side) -> `[K, K]`).
   """
   names, means = stack_means(scores)
   corr = {m: correlation.correlation_matrix(means, m) for m in methods}

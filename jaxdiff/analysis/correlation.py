@@ -1,7 +1,7 @@
 """Rank and correlation kernels shared by the analysis modules.
 
-Average ranks along an axis, and Pearson, Spearman and Kendall correlations between matching rows of two
-arrays or between all rows of one array, vectorised over examples (the last axis).
+Average ranks along an axis, and Pearson, Spearman and Kendall correlations between matching rows
+of two arrays or between all rows of one array, vectorised over examples (the last axis).
 """
 
 from __future__ import annotations
@@ -18,11 +18,29 @@ def check_method(method: str) -> str:
   return method
 
 
+def _sorted_order(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(order, keys): argsort of a 1-D row and sort keys that are equal exactly where values are.
+
+  float32 rows take a faster path than `np.argsort` (which is ~4x slower than numpy's SIMD sort of
+  integers here): each value becomes an order-preserving int32 key, packed with its index into one
+  int64 (key << 32 | index) and sorted. Exact: keys are equal iff the floats are (-0.0 joins +0.0).
+  """
+  n = row.shape[0]
+  if row.dtype == np.float32 and n < 2**31:
+    bits = (row + np.float32(0.0)).view(np.int32)
+    key = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: reverse magnitude order
+    packed = (key.astype(np.int64) << 32) | np.arange(n, dtype=np.int64)
+    packed.sort()
+    return packed & 0xFFFFFFFF, packed >> 32
+  order = np.argsort(row)
+  return order, row[order]
+
+
 def rank_average(x: np.ndarray, axis: int = -1) -> np.ndarray:
   """Ranks 1..N along `axis`; tied values share the mean of their ranks.
 
-  Same result as `scipy.stats.rankdata(x, method="average", axis=axis)` for finite input, but built on
-  numpy's SIMD `argsort` (about 5x faster for 50,000 examples on this machine).
+  Same result as `scipy.stats.rankdata(x, method="average", axis=axis)` for finite input, built on
+  numpy's SIMD sorts and a 1-D scatter per row (several times faster for 50,000 examples).
 
   Args:
     x: array `[..., N, ...]` of finite values.
@@ -32,25 +50,67 @@ def rank_average(x: np.ndarray, axis: int = -1) -> np.ndarray:
     float64 array of `x`'s shape.
   """
   x = np.moveaxis(np.asarray(x), axis, -1)
-  n = x.shape[-1]
-  order = np.argsort(x, axis=-1)
-  xs = np.take_along_axis(x, order, axis=-1)
-  tie = xs[..., 1:] == xs[..., :-1]
-  if tie.any():
-    # Each run of equal sorted values [start, end] gets rank (start + end) / 2 + 1.
-    idx = np.arange(n)
-    first = np.ones(xs.shape, bool)
-    first[..., 1:] = ~tie
-    last = np.ones(xs.shape, bool)
-    last[..., :-1] = ~tie
-    start = np.maximum.accumulate(np.where(first, idx, 0), axis=-1)
-    end = np.flip(np.minimum.accumulate(np.flip(np.where(last, idx, n - 1), -1), axis=-1), -1)
-    sorted_ranks = (start + end) / 2.0 + 1.0
-  else:
-    sorted_ranks = np.broadcast_to(np.arange(1.0, n + 1.0), xs.shape)
-  ranks = np.empty(xs.shape, np.float64)
-  np.put_along_axis(ranks, order, sorted_ranks, axis=-1)
-  return np.moveaxis(ranks, -1, axis)
+  shape, n = x.shape, x.shape[-1]
+  rows = x.reshape(-1, n)
+  out = np.empty(rows.shape, np.float64)
+  ordinal = np.arange(1.0, n + 1.0)
+  # The loop runs over rows (draws, runs), each a vectorised sort over all N examples.
+  for i, row in enumerate(rows):
+    order, keys = _sorted_order(row)
+    new = np.empty(n, bool)
+    new[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=new[1:])
+    tied = np.flatnonzero(~new)  # sorted positions equal to their predecessor
+    if tied.size == 0:
+      out[i, order] = ordinal
+    elif tied.size < n // 8:
+      # Few ties (e.g. float32 collisions): fix the ranks of the tied groups only.
+      first = np.empty(tied.size, bool)
+      first[0] = True
+      np.not_equal(np.diff(tied), 1, out=first[1:])
+      last = np.append(first[1:], True)
+      start, end = tied[first] - 1, tied[last]  # each group spans sorted positions [start, end]
+      mean_rank = (start + end) / 2.0 + 1.0
+      ranks = ordinal.copy()
+      ranks[tied] = mean_rank[np.cumsum(first) - 1]
+      ranks[start] = mean_rank
+      out[i, order] = ranks
+    else:
+      # Each group of equal values, sorted positions [start, start + count), gets its mean rank.
+      starts = np.flatnonzero(new)
+      counts = np.diff(np.append(starts, n))
+      out[i, order] = (starts + (counts + 1) / 2.0)[np.cumsum(new) - 1]
+  return np.moveaxis(out.reshape(shape), -1, axis)
+
+
+def half_integer_quantiles(d: np.ndarray, qs) -> np.ndarray:
+  """`np.quantile(d, qs, axis=-1)` ("linear" method) for d >= 0 on a grid of halves, via histograms.
+
+  Differences of average ranks are multiples of 1/2, so a histogram over 2d replaces the partial
+  sorts of np.quantile (O(N) with a small constant).
+
+  Args:
+    d: `[K, N]` non-negative multiples of 0.5.
+    qs: quantiles in [0, 1].
+
+  Returns:
+    `[len(qs), K]` float64.
+  """
+  d2 = np.rint(np.asarray(d, np.float64) * 2.0).astype(np.int64)
+  k, n = d2.shape
+  width = int(d2.max()) + 1 if d2.size else 1
+  counts = np.bincount((d2 + width * np.arange(k)[:, None]).ravel(), minlength=k * width)
+  cum = np.cumsum(counts.reshape(k, width), axis=1)
+  out = np.empty((len(qs), k))
+  for j, q in enumerate(qs):
+    h = q * (n - 1)
+    lo = int(np.floor(h))
+    hi = min(lo + 1, n - 1)
+    # The i-th smallest value (0-based) is the first grid point whose cumulative count exceeds i.
+    v_lo = (cum <= lo).sum(axis=1) / 2.0
+    v_hi = (cum <= hi).sum(axis=1) / 2.0
+    out[j] = v_lo + (h - lo) * (v_hi - v_lo)
+  return out
 
 
 def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -62,12 +122,11 @@ def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   Returns:
     float64 `[...]`; NaN where a row is constant.
   """
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
+  x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
   x = x - x.mean(-1, keepdims=True)
   y = y - y.mean(-1, keepdims=True)
-  num = np.sum(x * y, axis=-1)
-  den = np.sqrt(np.sum(x * x, axis=-1) * np.sum(y * y, axis=-1))
+  num = np.einsum("...i,...i->...", x, y)
+  den = np.sqrt(np.einsum("...i,...i->...", x, x) * np.einsum("...i,...i->...", y, y))
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
@@ -85,7 +144,7 @@ def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """Kendall's tau-b between matching rows (Kendall 1945; ties corrected), via `scipy.stats.kendalltau`.
+  """Kendall's tau-b between matching rows (Kendall 1945, ties corrected), `scipy.stats.kendalltau`.
 
   scipy's implementation is O(N log N) (Knight 1966); the loop runs over rows, never over examples.
 

@@ -1,7 +1,7 @@
 """Reliability of difficulty scores across runs: how noisy one run is and how many runs are needed.
 
-Split-half correlations of disjoint n-run means, rank errors, Spearman-Brown prediction and per-example
-spread, for score tensors `[runs, examples]` (Kwok et al. 2024, arXiv 2401.01867, Sec. 3).
+Split-half correlations of disjoint n-run means, rank errors, Spearman-Brown prediction and
+per-example spread, for score tensors `[runs, examples]` (Kwok et al. 2024, arXiv 2401.01867).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ TARGETS = (0.9, 0.95, 0.99)
 SB_METRICS = ("pearson", "spearman")
 
 
-def check_scores(scores: np.ndarray, name: str = "scores", min_runs: int = 2) -> np.ndarray:
+def check_scores(scores: np.ndarray, name: str = "scores", min_runs: int = 2,
+                 min_examples: int = 2) -> np.ndarray:
   """Validates a score tensor `[runs, examples]`: 2-D, at least `min_runs` runs, all finite."""
   s = np.asarray(scores)
   if s.ndim != 2:
     raise ValueError(f"{name} must have shape [runs, examples], got shape {s.shape}")
-  if s.shape[0] < min_runs or s.shape[1] < 2:
-    raise ValueError(f"{name} has shape {s.shape}; need at least {min_runs} runs and 2 examples")
+  if s.shape[0] < min_runs or s.shape[1] < min_examples:
+    raise ValueError(f"{name} has shape {s.shape}; need at least {min_runs} runs and "
+                     f"{min_examples} examples")
   if not np.issubdtype(s.dtype, np.floating) and not np.issubdtype(s.dtype, np.integer):
     raise ValueError(f"{name} must be numeric, got dtype {s.dtype}")
   if not np.isfinite(s).all():
@@ -38,7 +40,7 @@ def check_scores(scores: np.ndarray, name: str = "scores", min_runs: int = 2) ->
 
 
 def default_ns(num_runs: int) -> np.ndarray:
-  """n = 1, 2, 4, 8, ... up to num_runs // 2, plus num_runs // 2 itself (two disjoint n-run sets fit)."""
+  """n = 1, 2, 4, 8, ... up to num_runs // 2, and num_runs // 2 (two disjoint n-run sets fit)."""
   half = num_runs // 2
   if half < 1:
     raise ValueError(f"reliability needs at least 2 runs, got {num_runs}")
@@ -49,10 +51,10 @@ def default_ns(num_runs: int) -> np.ndarray:
 
 
 def spearman_brown(rho1, n):
-  """Spearman-Brown prophecy: reliability of the mean of n parallel runs, n rho1 / (1 + (n - 1) rho1).
+  """Spearman-Brown prophecy: reliability of a mean of n parallel runs, n rho1 / (1 + (n-1) rho1).
 
-  Spearman (1910), Brown (1910). Exact for Pearson correlations when runs are truth + independent noise
-  of equal variance; an approximation for rank correlations.
+  Spearman (1910), Brown (1910). Exact for Pearson correlations when runs are truth + independent
+  noise of equal variance; an approximation for rank correlations.
   """
   rho1 = np.asarray(rho1, np.float64)
   n = np.asarray(n, np.float64)
@@ -60,13 +62,13 @@ def spearman_brown(rho1, n):
 
 
 def implied_single_run(rho_n, n):
-  """Inverts Spearman-Brown: the single-run reliability rho_n / (n - (n - 1) rho_n) implied by rho_n."""
+  """Inverts Spearman-Brown: the single-run reliability rho_n / (n - (n-1) rho_n)."""
   rho_n = np.asarray(rho_n, np.float64)
   return rho_n / (n - (n - 1.0) * rho_n)
 
 
 def runs_needed(rho1: float, target: float) -> float:
-  """Smallest n with spearman_brown(rho1, n) >= target: ceil(target (1 - rho1) / (rho1 (1 - target))).
+  """Smallest n with spearman_brown(rho1, n) >= t: ceil(t (1 - rho1) / (rho1 (1 - t))).
 
   Returns inf when rho1 <= 0 (more runs never help) and 1 when rho1 >= target.
   """
@@ -80,7 +82,7 @@ def runs_needed(rho1: float, target: float) -> float:
 
 
 def fit_spearman_brown(ns: Sequence[int], rho: Sequence[float]) -> float:
-  """Least-squares single-run reliability rho1 such that spearman_brown(rho1, ns) fits `rho` (all n)."""
+  """Least-squares single-run reliability rho1 such that spearman_brown(rho1, ns) fits `rho`."""
   ns = np.asarray(ns, np.float64)
   rho = np.asarray(rho, np.float64)
   ok = np.isfinite(rho)
@@ -106,7 +108,7 @@ class ReliabilityCurve:
       runs (held out, so the reference shares no run with the n-run mean).
     rank_error: quantile q -> `[K, D]`: the q-quantile over examples of |rank(n-run mean) -
       rank(held-out mean)| / N, ranks being average ranks.
-    Kendall entries have D = kendall_draws columns (it is the slow one).
+    Kendall (split only) has D = kendall_draws columns (it is the slow one).
   """
   ns: np.ndarray
   num_runs: int
@@ -122,19 +124,19 @@ class ReliabilityCurve:
     return float(np.mean(self.split[metric][0]))
 
   def summary(self, ci: float = 0.95) -> list[dict]:
-    """Rows {measure, metric, n, mean, lo, hi, draws}: mean and central `ci` percentile interval over
-    the random choices of runs (the range a user with another n runs would see)."""
+    """Rows {measure, metric, n, mean, lo, hi, draws}: mean and central `ci` percentile interval
+    over the random choices of runs (the range a user with another n runs would see)."""
     lo_q, hi_q = 50 * (1 - ci), 50 * (1 + ci)
     rows = []
     groups = [("split", self.split), ("reference", self.reference),
               ("rank_error", {f"q{q:g}": v for q, v in self.rank_error.items()})]
     for measure, table in groups:
       for metric, values in table.items():
+        mean = values.mean(axis=1)
+        lo, hi = np.percentile(values, [lo_q, hi_q], axis=1)
         for i, n in enumerate(self.ns):
-          v = values[i]
-          rows.append(dict(measure=measure, metric=metric, n=int(n), mean=float(np.mean(v)),
-                           lo=float(np.percentile(v, lo_q)), hi=float(np.percentile(v, hi_q)),
-                           draws=int(v.size)))
+          rows.append(dict(measure=measure, metric=metric, n=int(n), mean=float(mean[i]),
+                           lo=float(lo[i]), hi=float(hi[i]), draws=int(values.shape[1])))
     return rows
 
 
@@ -144,17 +146,18 @@ def reliability_curve(scores: np.ndarray, ns: Sequence[int] | None = None, *, nu
   """Measures how well the mean of n runs agrees with other runs, for several n.
 
   Each draw permutes the runs; the first n runs form set A, the last n runs set B (disjoint when
-  2n <= R) and all runs but A the reference. Pearson, Spearman (Pearson of average ranks) and Kendall
-  tau-b correlations are computed between mean(A) and mean(B) ("split", the split-half reliability of
-  Kwok et al. 2024, Sec. 3) and between mean(A) and mean(reference). All n share one permutation per
-  draw, so a draw costs one cumulative sum over runs and a few sorts of N values.
+  2n <= R) and all runs but A the reference (draw d's permutation is the d-th
+  `numpy.random.default_rng(seed).permutation(R)`). Pearson, Spearman (Pearson of average ranks)
+  and Kendall tau-b correlations are computed between mean(A) and mean(B) ("split", the split-half
+  reliability of Kwok et al. 2024) and between mean(A) and mean(reference). All n share one
+  permutation per draw, so a draw costs one pass over the runs and 3 len(ns) sorts of N values.
 
   Args:
     scores: `[runs, examples]`, finite.
     ns: numbers of runs, each in [1, R // 2]; default `default_ns(R)`.
     num_draws: random choices of runs D (the spread over draws gives the interval).
-    kendall_draws: how many of the draws also get Kendall's tau (O(N log N) each, the slowest part);
-      0 skips Kendall.
+    kendall_draws: how many of the draws also get Kendall's tau for the split curve (O(N log N)
+      each, the slowest part; not computed for the reference); 0 skips Kendall.
     quantiles: rank-error quantiles over examples.
     seed: seed of the run permutations.
 
@@ -179,26 +182,38 @@ def reliability_curve(scores: np.ndarray, ns: Sequence[int] | None = None, *, nu
   ref = {m: np.empty((k, num_draws)) for m in metrics}
   if kendall_draws:
     split["kendall"] = np.empty((k, kendall_draws))
-    ref["kendall"] = np.empty((k, kendall_draws))
   rank_err = {float(q): np.empty((k, num_draws)) for q in quantiles}
+  # Sums in the scores' precision (at least float32; exact for integer-valued scores up to 2^24):
+  # float32 scores carry no more digits than that.
+  dtype = np.result_type(s.dtype, np.float32)
+  s = np.ascontiguousarray(s, dtype)
+  total = s.sum(axis=0)
   for d in range(num_draws):
-    csum = np.cumsum(s[rng.permutation(r)], axis=0, dtype=np.float64)
-    total = csum[-1]
-    # Sums, not means: every statistic here is invariant to dividing a row by n.
-    a = csum[ns - 1]
-    b = total - csum[r - ns - 1]
-    held = total - a
-    ra, rb, rh = (correlation.rank_average(v, axis=1) for v in (a, b, held))
+    perm = rng.permutation(r)
+    # A_n = first n runs, B_n = last n runs, held-out = all but A_n. The sets are nested in n, so
+    # each block of runs is summed once (sums, not means: every statistic here ignores the scale).
+    sums = np.empty((3 * k, n_ex), dtype)
+    acc_a = np.zeros(n_ex, dtype)
+    acc_b = np.zeros(n_ex, dtype)
+    prev = 0
+    for i, n in enumerate(ns):
+      acc_a += s[perm[prev:n]].sum(axis=0)
+      acc_b += s[perm[r - n:r - prev]].sum(axis=0)
+      prev = n
+      sums[i], sums[k + i] = acc_a, acc_b
+      np.subtract(total, acc_a, out=sums[2 * k + i])
+    a, b, held = sums[:k], sums[k:2 * k], sums[2 * k:]
+    ranks = correlation.rank_average(sums, axis=1)
+    ra, rb, rh = ranks[:k], ranks[k:2 * k], ranks[2 * k:]
     split["pearson"][:, d] = correlation.pearson_rows(a, b)
     ref["pearson"][:, d] = correlation.pearson_rows(a, held)
     split["spearman"][:, d] = correlation.pearson_rows(ra, rb)
     ref["spearman"][:, d] = correlation.pearson_rows(ra, rh)
-    err = np.quantile(np.abs(ra - rh), list(rank_err), axis=1) / n_ex
+    err = correlation.half_integer_quantiles(np.abs(ra - rh), list(rank_err)) / n_ex
     for qi, q in enumerate(rank_err):
       rank_err[q][:, d] = err[qi]
     if d < kendall_draws:
       split["kendall"][:, d] = correlation.kendall_rows(a, b)
-      ref["kendall"][:, d] = correlation.kendall_rows(a, held)
   return ReliabilityCurve(ns=ns, num_runs=r, num_examples=n_ex, split=split, reference=ref,
                           rank_error=rank_err)
 
@@ -209,9 +224,9 @@ def runs_needed_table(curve: ReliabilityCurve, targets: Sequence[float] = TARGET
   Columns: rho1 (measured split correlation at n = 1); rho1_fit (Spearman-Brown fitted to the whole
   measured curve); sb_max_abs_error (max over n of |Spearman-Brown(rho1, n) - measured|);
   runs_needed (from rho1); runs_needed_fit (from rho1_fit); runs_measured (smallest measured n whose
-  mean split correlation reaches the target, NaN if none does); runs_needed_truth (runs for the n-run
-  mean to correlate `target` with the infinite-run mean: sqrt(rho_n) >= target in classical test
-  theory, i.e. rho_n >= target**2).
+  mean split correlation reaches the target, NaN if none does); runs_needed_truth (runs for the
+  n-run mean to correlate `target` with the infinite-run mean: sqrt(rho_n) >= target in classical
+  test theory, i.e. rho_n >= target**2).
   """
   rows = []
   for metric, values in curve.split.items():

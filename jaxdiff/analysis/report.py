@@ -1,7 +1,7 @@
-"""The analysis report: every table of reliability, agreement and sensitivity from training workdirs.
+"""The analysis report: the tables of reliability, agreement and sensitivity of training workdirs.
 
-`load_workdirs` reads the score sets, `analyze` computes the tables (pandas) and per-example results,
-and `write_report` writes the folder: report.md, tables/*.csv + *.json, per_example/*.npz, figures/*.png.
+`load_workdirs` reads the score sets, `analyze` computes the tables (pandas) and per-example
+results, `write_report` writes report.md, tables/*.csv|json, per_example/*.npz and figures/*.png.
 """
 
 from __future__ import annotations
@@ -126,8 +126,11 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
     num_run_pairs: pairs of single runs for the run-to-run overlap.
     top_m: length of the most/least sensitive and easiest/hardest example lists.
     methods: correlation methods for the matrices between scores.
-    num_workers: threads.
-    seed: base seed (each stage derives its own).
+    num_workers: threads (numpy sorts, BLAS and scipy's kendalltau release the GIL); with more
+      than one, set OPENBLAS_NUM_THREADS=1 before numpy is imported (the scripts do) so that BLAS
+      threads do not oversubscribe the cores.
+    seed: base seed. The reliability draws of architecture i (in `sets` order) and score j (in
+      sorted order) use seed + 1000 i + j.
   """
   if not sets:
     raise ValueError("no score sets given")
@@ -254,12 +257,20 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                 spread_bins=pd.DataFrame(bin_rows), run_overlap=pd.DataFrame(overlap_rows),
                 correlation=pd.DataFrame(corr_rows), pca=pd.DataFrame(pca_rows),
                 score_overlap=pd.DataFrame(score_overlap_rows),
-                sensitivity_counts=pd.DataFrame(count_rows),
-                sensitive_examples=pd.DataFrame(sensitive_rows),
+                sensitivity_counts=_frame(count_rows, ["score", "arch_a", "arch_b", "examples",
+                                                       "alpha", "bonferroni", "bh"]),
+                sensitive_examples=_frame(sensitive_rows, [
+                    "score", "group", "rank", "index", "example_id", "label", "max_neg_log10_p",
+                    "max_abs_hedges_g", "pair"]),
                 difficulty_extremes=pd.DataFrame(extreme_rows))
   return Analysis(tables=tables, curves=curves, spreads=spreads, agreement=agree,
                   sensitivity=sens, example_ids=ref.example_ids, labels=ref.labels,
                   primary_score=primary, settings=settings, inputs=inputs, timings=timings)
+
+
+def _frame(rows: list, columns: Sequence[str]) -> pd.DataFrame:
+  # An empty table still gets its header, so pandas can read the CSV back.
+  return pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(columns))
 
 
 def _safe(name: str) -> str:
@@ -272,6 +283,8 @@ def _fmt(v) -> str:
       return "–"
     if np.isinf(v):
       return "inf" if v > 0 else "-inf"
+    if float(v).is_integer() and abs(v) < 1e6:
+      return str(int(v))
     return f"{v:.3g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.3f}"
   return str(v)
 
@@ -330,13 +343,14 @@ def write_figures(analysis: Analysis, out: str, *, x: np.ndarray | None = None,
       curves[n] = (v.mean(1), np.percentile(v, 2.5, axis=1), np.percentile(v, 97.5, axis=1))
       pred[f"{n} (Spearman-Brown)"] = reliability.spearman_brown(c.rho1("spearman"), c.ns)
     written.append(plots.reliability_plot(
-        analysis.curves[a, names[0]].ns, curves, os.path.join(fig_dir, f"reliability_{_safe(a)}.png"),
-        predicted=pred, title=f"{a}: Spearman between disjoint n-run means (95% of draws)"))
+        analysis.curves[a, names[0]].ns, curves,
+        os.path.join(fig_dir, f"reliability_{_safe(a)}.png"), predicted=pred,
+        title=f"{a}: Spearman between disjoint n-run means (95% of draws)"))
     if (a, primary) in analysis.spreads:
       sp = analysis.spreads[a, primary]
-      written.append(plots.spread_plot(sp.mean, sp.std, os.path.join(fig_dir, f"spread_{_safe(a)}.png"),
-                                       bins=sp.bins, title=f"{a}: {primary}, spread vs difficulty "
-                                       f"(Spearman {sp.spearman:.2f})"))
+      written.append(plots.spread_plot(
+          sp.mean, sp.std, os.path.join(fig_dir, f"spread_{_safe(a)}.png"), bins=sp.bins,
+          title=f"{a}: {primary}, spread vs difficulty (Spearman {sp.spearman:.2f})"))
   for a, res in analysis.agreement.items():
     method = "spearman" if "spearman" in res["corr"] else next(iter(res["corr"]))
     written.append(plots.heatmap(res["corr"][method], res["names"],
@@ -351,8 +365,9 @@ def write_figures(analysis: Analysis, out: str, *, x: np.ndarray | None = None,
   if res is not None:
     thresholds = []
     for i in range(len(res.pairs)):
+      bh = sensitivity.bh_threshold(10.0**res.log10_p[i], res.alpha)
       thresholds.append({"Bonferroni": -np.log10(res.alpha / res.num_examples),
-                         "BH": -np.log10(sensitivity.bh_threshold(10.0**res.log10_p[i], res.alpha))})
+                         "BH": -np.log10(bh)})
     written.append(plots.manhattan_plot(
         res.neg_log10_p, [f"{a} vs {b}" for a, b in res.pairs],
         os.path.join(fig_dir, f"manhattan_{_safe(primary)}.png"), labels=analysis.labels,
@@ -389,8 +404,9 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
   rel_fig = lambda p: os.path.relpath(p, out)
   figs = {os.path.basename(p): rel_fig(p) for p in figures}
   md = ["# jaxdiff analysis report\n", "## Inputs\n", markdown_table(t["inputs"])]
-  md.append(f"\nSettings: `{json.dumps(analysis.settings)}`. Primary score: `{analysis.primary_score}`. "
-            "Scores follow jaxdiff's sign convention (higher = harder).\n")
+  md.append(f"\nSettings: `{json.dumps(analysis.settings)}`. Primary score: "
+            f"`{analysis.primary_score}`. Scores follow jaxdiff's sign convention "
+            "(higher = harder).\n")
   md += [f"\n> {n}\n" for n in notes]
 
   md.append("\n## Reliability across runs\n")
@@ -410,7 +426,8 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
       first, last = sp.iloc[0], sp.iloc[-1]
       rows.append({"arch": a, "score": n, "Spearman n=1": f"{first['mean']:.3f} [{first.lo:.3f}, "
                    f"{first.hi:.3f}]", "Pearson n=1": f"{pe.iloc[0]['mean']:.3f}",
-                   f"Spearman n={int(last.n)}": f"{last['mean']:.3f} [{last.lo:.3f}, {last.hi:.3f}]",
+                   f"Spearman n={int(last.n)}": (f"{last['mean']:.3f} [{last.lo:.3f}, "
+                                                 f"{last.hi:.3f}]"),
                    f"SB n={int(last.n)}": last.spearman_brown,
                    "rank err med/q90": (f"{q50['mean'].iloc[0]:.3f}/{q90['mean'].iloc[0]:.3f}"
                                         if len(q50) and len(q90) else "–"),
@@ -451,10 +468,17 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
 
   md.append("\n## Sensitivity to architecture\n")
   if analysis.sensitivity:
-    md.append(f"Examples whose mean score differs between two architectures (per-example Welch t-test, "
-              f"alpha = {analysis.settings['alpha']}; Bonferroni and Benjamini-Hochberg over the "
-              "examples of each pair):\n\n")
+    md.append("Examples whose mean score differs between two architectures (per-example Welch "
+              f"t-test, alpha = {analysis.settings['alpha']}; Bonferroni and Benjamini-Hochberg "
+              "over the examples of each pair):\n\n")
     md.append(markdown_table(t["sensitivity_counts"]))
+    p = analysis.settings["num_permutations"]
+    n = len(analysis.example_ids)
+    if p and (p + 1) * analysis.settings["alpha"] <= n:
+      need = n / analysis.settings["alpha"]
+      md.append(f"\nWith {p} permutations a permutation p-value is at least 1/{p + 1}, so it "
+                f"cannot pass Bonferroni over {n} examples (that needs more than {need:.0f} "
+                "permutations); BH may still find examples when many are sensitive.\n")
     se = t["sensitive_examples"]
     for group in ("most", "least"):
       ids = se[(se.score == analysis.primary_score) & (se.group == group)].example_id.tolist()
@@ -473,7 +497,8 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
   md.append("\n## Files\n\n")
   md += [f"- `tables/{n}.csv` (and `.json`)\n" for n in t]
   md += [f"- `per_example/sensitivity_{_safe(n)}.npz`\n" for n in analysis.sensitivity]
-  md.append("\nTimings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in analysis.timings.items()) + "\n")
+  md.append("\nTimings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in analysis.timings.items())
+            + "\n")
   path = os.path.join(out, "report.md")
   store.atomic_write_text(path, "".join(md))
   return path

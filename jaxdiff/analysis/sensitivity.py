@@ -1,7 +1,7 @@
 """Sensitivity of per-example difficulty to the architecture: per-example tests between ensembles.
 
-Welch t-tests and studentized permutation tests vectorised over examples, effect sizes, Bonferroni and
-Benjamini-Hochberg corrections, and rankings of examples (Kwok et al. 2024, arXiv 2401.01867, Sec. 5).
+Welch t-tests and studentized permutation tests vectorised over examples, effect sizes, Bonferroni
+and Benjamini-Hochberg corrections, and rankings of examples (Kwok et al. 2024, arXiv 2401.01867).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ LN10 = math.log(10.0)
 
 
 def _pair(a, b):
-  a = check_scores(a, "a")
-  b = check_scores(b, "b")
+  a = check_scores(a, "a", min_examples=1)
+  b = check_scores(b, "b", min_examples=1)
   if a.shape[1] != b.shape[1]:
     raise ValueError(f"a and b must cover the same examples, got shapes {a.shape} and {b.shape}")
   return a, b
@@ -40,10 +40,17 @@ def log_t_sf(t: np.ndarray, df: np.ndarray) -> np.ndarray:
   out = np.asarray(scipy.stats.t.logsf(t, df), np.float64)
   far = np.isneginf(out) & np.isfinite(t) & (t > 0)
   if far.any():
-    v, x = df[far], t[far]
-    log_c = scipy.special.gammaln((v + 1) / 2) - scipy.special.gammaln(v / 2) - 0.5 * np.log(v * np.pi)
-    out[far] = log_c + ((v + 1) / 2 - 1) * np.log(v) - v * np.log(x)
+    out[far] = log_t_sf_tail(t[far], df[far])
   return out
+
+
+def log_t_sf_tail(t: np.ndarray, df: np.ndarray) -> np.ndarray:
+  """Leading term of log P(T > t) for large t (relative error O(df / t^2)); see `log_t_sf`."""
+  t = np.asarray(t, np.float64)
+  v = np.asarray(df, np.float64)
+  log_c = (scipy.special.gammaln((v + 1) / 2) - scipy.special.gammaln(v / 2)
+           - 0.5 * np.log(v * np.pi))
+  return log_c + ((v + 1) / 2 - 1) * np.log(v) - v * np.log(t)
 
 
 @dataclasses.dataclass
@@ -56,7 +63,7 @@ class WelchResult:
     log10_p: log10 of the two-sided p-value (kept in log space: p underflows for strong effects).
     mean_diff: mean_a - mean_b.
     hedges_g: Hedges' g, the bias-corrected standardized mean difference (`hedges_g`).
-  Examples constant in both ensembles get t = 0 and p = 1 if their means agree, else t = +-inf, p = 0.
+  Examples constant in both ensembles get t = 0, p = 1 if their means agree, else t = +-inf, p = 0.
   """
   t: np.ndarray
   df: np.ndarray
@@ -70,7 +77,11 @@ class WelchResult:
 
 
 def _moments(x):
-  return x.shape[0], x.mean(axis=0, dtype=np.float64), x.var(axis=0, ddof=1, dtype=np.float64)
+  """(n, mean, unbiased variance) over runs, float64 accumulators, centred in x's precision."""
+  n = x.shape[0]
+  mean = x.sum(axis=0, dtype=np.float64) / n
+  dev = x - mean.astype(x.dtype)
+  return n, mean, np.einsum("ij,ij->j", dev, dev, dtype=np.float64) / (n - 1)
 
 
 def _effect(na, ma, va, nb, mb, vb, corrected):
@@ -85,8 +96,9 @@ def _effect(na, ma, va, nb, mb, vb, corrected):
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Cohen's d per example: (mean_a - mean_b) / s_pooled, s_pooled^2 = ((n_a-1) s_a^2 + (n_b-1) s_b^2) /
-  (n_a + n_b - 2) (Cohen 1988, eq. 2.5.2). a: `[R_a, N]`, b: `[R_b, N]`; returns `[N]`."""
+  """Cohen's d per example: (mean_a - mean_b) / s_pooled, with s_pooled^2 = ((n_a-1) s_a^2 +
+  (n_b-1) s_b^2) / (n_a + n_b - 2) (Cohen 1988, eq. 2.5.2). a: `[R_a, N]`, b: `[R_b, N]`; returns
+  `[N]`."""
   a, b = _pair(a, b)
   return _effect(*_moments(a), *_moments(b), corrected=False)
 
@@ -111,8 +123,12 @@ def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
     A `WelchResult` with `[N]` arrays.
   """
   a, b = _pair(a, b)
-  na, ma, va = _moments(a)
-  nb, mb, vb = _moments(b)
+  return _welch(_moments(a), _moments(b))
+
+
+def _welch(moments_a, moments_b) -> WelchResult:
+  na, ma, va = moments_a
+  nb, mb, vb = moments_b
   sa, sb = va / na, vb / nb
   se2 = sa + sb
   diff = ma - mb
@@ -126,7 +142,8 @@ def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
                      hedges_g=_effect(na, ma, va, nb, mb, vb, corrected=True))
 
 
-def permutation_groups(num_runs: int, size_a: int, num_permutations: int, seed: int = 0) -> np.ndarray:
+def permutation_groups(num_runs: int, size_a: int, num_permutations: int,
+                       seed: int = 0) -> np.ndarray:
   """Group-A indicators `[P + 1, num_runs]` float32: row 0 the observed split (first size_a runs),
   rows 1..P uniform random relabellings (drawn with `numpy.random.default_rng(seed)`)."""
   rng = np.random.default_rng(seed)
@@ -142,12 +159,12 @@ def permutation_test(a: np.ndarray, b: np.ndarray, num_permutations: int = 1000,
   """Two-sided studentized permutation test of equal means, per example (vectorised over examples).
 
   The statistic is Welch's t, recomputed for P random relabellings of the R_a + R_b runs (the same
-  relabellings for every example); the studentized statistic keeps the test valid asymptotically even
-  when the variances differ (Janssen 1997), and exact under exchangeability. The p-value is
+  relabellings for every example); the studentized statistic keeps the test valid asymptotically
+  even when the variances differ (Janssen 1997), and exact under exchangeability. The p-value is
   (1 + #{|t_perm| >= |t_obs|}) / (P + 1) (Phipson & Smyth 2010), so it is never below 1 / (P + 1):
-  reaching Bonferroni at level alpha over N examples needs P + 1 > N / alpha. Group sums come from one
-  float32 matmul per chunk of examples; |t_perm| within a relative `rtol` of |t_obs| counts as reaching
-  it (float32 rounding; conservative).
+  reaching Bonferroni at level alpha over N examples needs P + 1 > N / alpha. Group sums come from
+  one float32 matmul per chunk of examples; |t_perm| within a relative `rtol` of |t_obs| counts as
+  reaching it (float32 rounding; conservative).
 
   Args:
     a: `[R_a, N]`; b: `[R_b, N]` (at least 2 runs each).
@@ -169,17 +186,28 @@ def permutation_test(a: np.ndarray, b: np.ndarray, num_permutations: int = 1000,
   g = permutation_groups(na + nb, na, num_permutations, seed)
   n = x.shape[1]
   count = np.empty(n, np.int64)
+  thresh = (1.0 - rtol)**2
   for lo in range(0, n, chunk_size):
     xc = x[:, lo:lo + chunk_size]
-    tot, tot2 = xc.sum(0), (xc * xc).sum(0)
-    sa, sa2 = g @ xc, g @ (xc * xc)
-    sb, sb2 = tot - sa, tot2 - sa2
-    va = np.maximum(sa2 - sa * sa / na, 0.0) / (na - 1)
-    vb = np.maximum(sb2 - sb * sb / nb, 0.0) / (nb - 1)
+    c = xc.shape[1]
+    both = g @ np.concatenate([xc, xc * xc], axis=1)  # group-A sums of x and x^2, one matmul
+    sa, sa2 = both[:, :c], both[:, c:]
+    tot, tot2 = sa[0] + (xc[na:].sum(0)), sa2[0] + (xc[na:] * xc[na:]).sum(0)
+    sb = tot - sa
+    # Squared Welch t: (mean_a - mean_b)^2 / (var_a / n_a + var_b / n_b), in place to spare memory.
+    diff = sa / na - sb / nb
+    diff *= diff
+    va = sa2 - sa * sa / na
+    vb = (tot2 - sa2) - sb * sb / nb
+    np.maximum(va, 0.0, out=va)
+    np.maximum(vb, 0.0, out=vb)
+    va *= 1.0 / (na * (na - 1))
+    vb *= 1.0 / (nb * (nb - 1))
+    va += vb
     with np.errstate(divide="ignore", invalid="ignore"):
-      t = np.abs(sa / na - sb / nb) / np.sqrt(va / na + vb / nb)
-    t = np.nan_to_num(t, nan=0.0)
-    count[lo:lo + chunk_size] = (t[1:] >= t[0] * (1.0 - rtol)).sum(0)
+      diff /= va
+    np.nan_to_num(diff, copy=False, nan=0.0)
+    count[lo:lo + chunk_size] = (diff[1:] >= diff[0] * thresh).sum(0)
   return (1.0 + count) / (num_permutations + 1.0)
 
 
@@ -280,14 +308,14 @@ class PairwiseSensitivity:
     return rows
 
   def example_sensitivity(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example: max over pairs of -log10 p `[N]`, max |Hedges' g| `[N]`, pair index of the max."""
+    """Per example: max over pairs of -log10 p `[N]`, max |Hedges' g| `[N]`, pair of the max."""
     nlp = self.neg_log10_p
     at = np.argmax(nlp, axis=0)
     return nlp.max(axis=0), np.abs(self.hedges_g).max(axis=0), at
 
   def ranking(self) -> np.ndarray:
-    """Example indices `[N]`, most architecture-sensitive first: by max -log10 p over pairs, ties (e.g.
-    p underflowing for several examples) broken by max |Hedges' g|."""
+    """Example indices `[N]`, most architecture-sensitive first: by max -log10 p over pairs, ties
+    (e.g. p = 0 for several examples) broken by max |Hedges' g|."""
     nlp, g, _ = self.example_sensitivity()
     return np.lexsort((-g, -nlp))
 
@@ -297,7 +325,7 @@ def pairwise_sensitivity(scores_by_arch: Mapping[str, np.ndarray], *, alpha: flo
   """Welch t-tests (and optionally permutation tests) of one score between all architecture pairs.
 
   Args:
-    scores_by_arch: arch -> `[R_arch, N]` scores of one score name on the same examples (>= 2 archs).
+    scores_by_arch: arch -> `[R_arch, N]`, one score on the same examples (>= 2 archs).
     alpha: significance level for the corrections.
     num_permutations: P > 0 adds `permutation_test` p-values (cost ~ P (R_a + R_b) N per pair).
     seed: permutation seed.
@@ -307,11 +335,16 @@ def pairwise_sensitivity(scores_by_arch: Mapping[str, np.ndarray], *, alpha: flo
   if len(archs) < 2:
     raise ValueError(f"sensitivity needs at least 2 architectures, got {archs}")
   pairs = list(itertools.combinations(archs, 2))
-  res = [welch_t_test(scores_by_arch[x], scores_by_arch[y]) for x, y in pairs]
+  checked = {a: check_scores(scores_by_arch[a], a, min_examples=1) for a in archs}
+  sizes = {a: s.shape[1] for a, s in checked.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"architectures cover different numbers of examples: {sizes}")
+  moments = {a: _moments(s) for a, s in checked.items()}  # once per arch, shared by its pairs
+  res = [_welch(moments[x], moments[y]) for x, y in pairs]
   perm = None
   if num_permutations:
-    perm = np.stack([permutation_test(scores_by_arch[x], scores_by_arch[y], num_permutations,
-                                      seed=seed + i) for i, (x, y) in enumerate(pairs)])
+    perm = np.stack([permutation_test(checked[x], checked[y], num_permutations, seed=seed + i)
+                     for i, (x, y) in enumerate(pairs)])
   stack = lambda f: np.stack([getattr(r, f) for r in res])
   return PairwiseSensitivity(archs=archs, pairs=pairs, t=stack("t"), df=stack("df"),
                              log10_p=stack("log10_p"), mean_diff=stack("mean_diff"),
