@@ -20,7 +20,8 @@ from jaxdiff.scores.grand import grand_scores
 from jaxdiff.scores.input_grad import input_grad_py
 from jaxdiff.scores.members import ensemble_scores
 from jaxdiff.scores.point import compute_point_scores, point_scores
-from jaxdiff.scores.representation import prediction_depth, prediction_depth_scores, prototype_scores
+from jaxdiff.scores.representation import (prediction_depth, prediction_depth_scores,
+                                            prototype_scores)
 from jaxdiff.scores.trajectory import EpochAccumulator, MinibatchForgetting, VoGAccumulator
 
 # name -> definition (paper + formula). Natural orientation; `NEGATED` lists the names whose
@@ -32,7 +33,8 @@ POINT_SCORES = {
     "max_p": "maximum softmax probability max_c p_c",
     "entropy": "predictive entropy -sum_c p_c log p_c (nats)",
     "margin_prob": "margin on probabilities p_y - max_{c != y} p_c",
-    "margin_logit": "margin on logits z_y - max_{c != y} z_c (Pleiss et al. 2020, the margin of AUM)",
+    "margin_logit": "margin on logits z_y - max_{c != y} z_c (the margin of AUM, Pleiss et al. "
+                    "2020)",
     "el2n": "EL2N ||softmax(z) - onehot(y)||_2 (Paul et al. 2021, Deep Learning on a Data Diet)",
     "grand": "GraNd ||grad_theta CE(f_theta(x), y)||_2 over all params (Paul et al. 2021)",
 }

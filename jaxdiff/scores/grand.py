@@ -23,12 +23,12 @@ METHODS = ("vmap", "ghost")
 def grand_scores(apply_fn: point.ApplyFn, variables: Any, x: Any, y: Any, chunk_size: int = 4096,
                  method: str = "vmap", batch_size: int | None = None,
                  max_grad_bytes: int = 2**28) -> np.ndarray:
-  """GraNd score of every example for every member (Paul et al. 2021, "Deep Learning on a Data Diet").
+  """GraNd of every example for every member (Paul et al. 2021, "Deep Learning on a Data Diet").
 
-  GraNd(x, y) = || d/dtheta CE(f_theta(x), y) ||_2 over all trainable parameters `variables["params"]`
-  (batch statistics are not parameters), evaluated at the member's current parameters in evaluation
-  mode. Paul et al. average this norm over several initialisations early in training; here each
-  member gives one `[N]` row and averaging over members is left to the caller.
+  GraNd(x, y) = || d/dtheta CE(f_theta(x), y) ||_2 over all trainable parameters
+  `variables["params"]` (batch statistics are not parameters), at the member's current parameters in
+  evaluation mode. Paul et al. average this norm over several initialisations early in training;
+  here each member gives one `[N]` row and averaging over members is left to the caller.
 
   Memory: the "vmap" method materialises per-example gradients for `batch_size` examples of every
   member at once, about `R * batch_size * num_params * 4` bytes; by default `batch_size` is the
@@ -39,6 +39,11 @@ def grand_scores(apply_fn: point.ApplyFn, variables: Any, x: Any, y: Any, chunk_
   `g` the gradient w.r.t. its output (one batched backward pass gives every `g`, as examples do not
   interact in evaluation mode); all other parameters (convolutions, norms, Dense layers called twice
   or on `[B, T, din]` inputs) fall back to per-example gradients. Both methods are exact.
+
+  Cost (MLP 40-100-100-10, R=8, 4,000 examples, loaded 2-core CPU): "vmap" ~0.8-1.0 s and ~260 MB
+  of XLA temporaries (batch_size ~500); a single vmap over all 4,000 examples ~2.9 s and 1.9 GB;
+  "ghost" ~0.07-0.12 s and ~60 MB. On CPU, convolutions inside `lax.map` are slow: for conv nets
+  try `batch_size >= chunk_size` (one vmap per chunk) with a smaller `chunk_size`.
 
   Args:
     apply_fn: `(member_variables, x [B, ...]) -> (logits [B, C], out)` in evaluation mode; pass the
@@ -60,8 +65,9 @@ def grand_scores(apply_fn: point.ApplyFn, variables: Any, x: Any, y: Any, chunk_
   x, y = point.check_examples(x, y)
   r = point.num_members(variables)
   if not hasattr(variables, "keys") or "params" not in variables:
+    keys = list(variables.keys()) if hasattr(variables, "keys") else None
     raise ValueError("variables must be a mapping with a 'params' collection; got "
-                     f"{type(variables).__name__} with keys {list(getattr(variables, 'keys', list)())}")
+                     f"{type(variables).__name__} with keys {keys}")
   point.check_labels_vs_classes(apply_fn, variables, x, y)
   chunk = min(point.check_chunk_size(chunk_size), x.shape[0])
   member0 = jax.tree_util.tree_map(lambda a: a[0], variables)
@@ -115,6 +121,12 @@ def _vmap_chunk(apply_fn, variables, x, y, batch_size):
   return jnp.sqrt(jax.vmap(member)(variables))
 
 
+def _is_dense_call(context) -> bool:
+  # Exactly nn.Dense: a subclass may change __call__, and calls super().__call__ (seen twice).
+  exact = type(context.module) is nn.Dense  # pylint: disable=unidiomatic-typecheck
+  return context.method_name == "__call__" and exact
+
+
 def _dense_input(args, kwargs):
   return args[0] if args else kwargs["inputs"]
 
@@ -133,7 +145,7 @@ def dense_plan(apply_fn: point.ApplyFn, member_variables: Any, x: np.ndarray) ->
 
   def record(next_fun, args, kwargs, context):
     m = context.module
-    if context.method_name == "__call__" and type(m) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
+    if _is_dense_call(context):
       calls.setdefault(tuple(m.path), []).append(
           (tuple(_dense_input(args, kwargs).shape), m.features, m.use_bias))
     return next_fun(*args, **kwargs)
@@ -182,8 +194,7 @@ def _ghost_chunk(apply_fn, variables, x, y, plan, batch_size):
 
         def perturb(next_fun, args, kwargs, context):
           m = context.module
-          i = paths.get(tuple(m.path)) if (context.method_name == "__call__"
-                                           and type(m) is nn.Dense) else None  # pylint: disable=unidiomatic-typecheck
+          i = paths.get(tuple(m.path)) if _is_dense_call(context) else None
           if i is None:
             return next_fun(*args, **kwargs)
           acts[i] = _dense_input(args, kwargs)

@@ -1,7 +1,7 @@
-"""Point difficulty scores from one model's logits, and the chunked driver over members and examples.
+"""Point difficulty scores from a model's logits, and the chunked driver over members and examples.
 
-`point_scores` is a pure jnp function of `(logits, labels)`; `compute_point_scores` evaluates a stacked
-ensemble on a whole training set in fixed-size jitted chunks and returns numpy arrays `[R, N]`.
+`point_scores` is a pure jnp function of `(logits, labels)`; `compute_point_scores` evaluates a
+stacked ensemble on a training set in fixed-size jitted chunks, returning numpy arrays `[R, N]`.
 """
 
 from __future__ import annotations

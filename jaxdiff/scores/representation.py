@@ -58,7 +58,7 @@ def features(apply_fn: point.ApplyFn, variables: Any, x: Any, chunk_size: int = 
   return (layers, logits) if return_logits else layers
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(5, 6))
 def _knn_chunk(train, train_sq, train_labels, query, query_ids, k, num_classes):
   n = train.shape[1]
 
@@ -253,7 +253,8 @@ def _prototypes(feats, labels, num_classes, keys, num_clusters_and_iters):
 
   def member(f, key):
     onehot = jax.nn.one_hot(labels, num_classes, dtype=f.dtype)
-    class_means = jnp.dot(onehot.T, f, precision=_HIGHEST) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+    counts = jnp.maximum(onehot.sum(0), 1.0)[:, None]
+    class_means = jnp.dot(onehot.T, f, precision=_HIGHEST) / counts
     supervised = jnp.sqrt(jnp.sum(jnp.square(f - class_means[labels]), -1))
     cents = lloyd(f, _kmeanspp(f, num_clusters, key), num_iters)
     selfsup = jnp.sqrt(jnp.min(_sq_dists(f, cents), axis=-1))

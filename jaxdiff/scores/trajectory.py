@@ -20,7 +20,8 @@ def _check_step(state: Mapping[str, Any], step: int) -> int:
   if not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"step must be a non-negative int, got {step!r}")
   if int(state["count"]) > 0 and step <= int(state["last_step"]):
-    raise ValueError(f"steps must increase strictly: got step {step} after {int(state['last_step'])}")
+    raise ValueError(f"steps must increase strictly: got step {step} after "
+                     f"{int(state['last_step'])}")
   return int(step)
 
 
@@ -55,7 +56,8 @@ class EpochAccumulator:
                     paper averages margins of minibatch passes, here of the recorded evaluations.
     aum_prob:       the same on probabilities, (1/T) sum_t margin_prob_t.
     forgetting_events:     number of t with correct_{t-1} = 1 and correct_t = 0 (Toneva et al. 2019,
-                    "An Empirical Study of Example Forgetting"); the first record has no predecessor.
+                    "An Empirical Study of Example Forgetting"); the first record has no
+                    predecessor.
                     Never-learned examples have 0 here; see `never_learned` and the next entry.
     forgetting_events_inf: as above but +inf for never-learned examples, Toneva et al.'s convention
                     when sorting (never-learned examples count as forgotten infinitely often).
@@ -223,7 +225,8 @@ class MinibatchForgetting:
     }
 
   @staticmethod
-  def update(state: dict[str, jax.Array], idx: Any, correct: Any, step: Any) -> dict[str, jax.Array]:
+  def update(state: dict[str, jax.Array], idx: Any, correct: Any,
+             step: Any) -> dict[str, jax.Array]:
     """Records one training step.
 
     Args:

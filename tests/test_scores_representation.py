@@ -1,0 +1,155 @@
+"""Prediction depth (k-NN probes) and prototype scores, against brute-force numpy."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff.scores import representation as rep
+from test_scores_models import MLP, member, mlp_apply, stacked_init
+
+
+def brute_knn(train, labels, query, k, exclude_self, num_classes):
+  """One member: full distance matrix, stable sort, majority vote (ties -> lowest class)."""
+  out = []
+  for i, q in enumerate(query):
+    d = np.sqrt(((train - q) ** 2).sum(-1))
+    if exclude_self:
+      d[i] = np.inf
+    nbrs = np.argsort(d, kind="stable")[:k]
+    out.append(np.argmax(np.bincount(labels[nbrs], minlength=num_classes)))
+  return np.array(out)
+
+
+def brute_depth(train_layers, labels, query_layers, final, k, exclude_self):
+  """Depth by the definition: smallest l with every probe l' >= l agreeing with the final pred."""
+  num_layers = len(train_layers)
+  r, m = final.shape
+  num_classes = max(labels.max(), final.max()) + 1
+  probes = np.array([[brute_knn(tl[j], labels, ql[j], k, exclude_self, num_classes)
+                      for j in range(r)] for tl, ql in zip(train_layers, query_layers)])
+  depth = np.full((r, m), num_layers)
+  for j in range(r):
+    for i in range(m):
+      for l in range(num_layers):
+        if all(probes[lp, j, i] == final[j, i] for lp in range(l, num_layers)):
+          depth[j, i] = l
+          break
+  return depth
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_predict_matches_brute_force(exclude_self):
+  rng = np.random.default_rng(0)
+  train = rng.normal(size=(2, 60, 5)).astype(np.float32)
+  labels = rng.integers(0, 4, 60)
+  query = train if exclude_self else rng.normal(size=(2, 25, 5)).astype(np.float32)
+  got = rep.knn_predict(train, labels, query, k=7, exclude_self=exclude_self, chunk_size=8)
+  for j in range(2):
+    np.testing.assert_array_equal(got[j], brute_knn(train[j], labels, query[j], 7, exclude_self, 4))
+
+
+def test_knn_self_exclusion_matters():
+  # Two far-apart clusters; example 0 is the only "1" in cluster A. With itself as a neighbour and
+  # k=1 it predicts its own label; without itself, its cluster's label 0.
+  train = np.array([[0.0], [0.1], [0.2], [10.0], [10.1]], np.float32)[None]
+  labels = np.array([1, 0, 0, 1, 1])
+  assert rep.knn_predict(train, labels, train, k=1)[0, 0] == 1
+  assert rep.knn_predict(train, labels, train, k=1, exclude_self=True)[0, 0] == 0
+  with pytest.raises(ValueError, match=r"k must be an int in \[1, 4\]"):
+    rep.knn_predict(train, labels, train, k=5, exclude_self=True)
+
+
+def test_prediction_depth_matches_brute_force():
+  rng = np.random.default_rng(1)
+  r, n, k = 2, 40, 5
+  labels = rng.integers(0, 3, n)
+  centres = rng.normal(size=(3, 4)) * 3
+  # Layers get more class-separated with depth, so depths spread over 0..L.
+  layers = [(centres[labels] * s + rng.normal(size=(r, n, 4))).astype(np.float32)
+            for s in (0.0, 0.3, 0.6, 1.0)]
+  final = np.where(rng.uniform(size=(r, n)) < 0.8, labels, rng.integers(0, 3, (r, n)))
+  got = rep.prediction_depth(layers, labels, None, final, k=k, chunk_size=16)
+  ref = brute_depth(layers, labels, layers, final, k, exclude_self=True)
+  np.testing.assert_array_equal(got, ref)
+  assert len(np.unique(ref)) >= 3  # the test exercises several depths, including L
+  query = [l[:, :10] + 0.1 for l in layers]
+  got_q = rep.prediction_depth(layers, labels, query, final[:, :10], k=k)
+  np.testing.assert_array_equal(got_q, brute_depth(layers, labels, query, final[:, :10], k, False))
+
+
+def test_prediction_depth_hand_worked():
+  # One member, 1-D features, k=1; probes per layer for the single query are set by its nearest
+  # training point. Final prediction 1. Layer 0 -> 1, layer 1 -> 0, layer 2 -> 1, layer 3 -> 1:
+  # the agreeing suffix starts at layer 2, so the depth is 2.
+  labels = np.array([0, 1])
+  train = [np.array([[[0.0], [1.0]]], np.float32)] * 4
+  query = [np.array([[[q]]], np.float32) for q in (0.9, 0.1, 0.8, 0.7)]
+  assert rep.prediction_depth(train, labels, query, np.array([[1]]), k=1)[0, 0] == 2
+  assert rep.prediction_depth(train, labels, query, np.array([[0]]), k=1)[0, 0] == 4  # none agree
+
+
+def test_features_and_prediction_depth_scores_on_a_model():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(30, 10)).astype(np.float32)
+  y = rng.integers(0, 3, 30)
+  v = stacked_init(MLP, 2, x)
+  layers, logits = rep.features(mlp_apply, v, x, chunk_size=7, include_input=True,
+                                return_logits=True)
+  assert [l.shape for l in layers] == [(2, 30, 10), (2, 30, 16), (2, 30, 12)]
+  for j in range(2):
+    ref_logits, out = mlp_apply(member(v, j), x)
+    np.testing.assert_allclose(logits[j], ref_logits, rtol=1e-5, atol=1e-6)
+    for got, want in zip(layers, [x] + out["layers"]):
+      np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-6)
+  depth = rep.prediction_depth_scores(mlp_apply, v, x, y, k=3, chunk_size=7)
+  np.testing.assert_array_equal(depth, brute_depth(layers, y, layers, logits.argmax(-1), 3, True))
+
+
+def numpy_lloyd(x, c, iters):
+  c = c.copy()
+  for _ in range(iters):
+    assign = np.argmin(((x[:, None] - c[None]) ** 2).sum(-1), axis=1)
+    for j in range(len(c)):
+      if (assign == j).any():
+        c[j] = x[assign == j].mean(0)
+  return c
+
+
+def test_lloyd_matches_numpy():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(80, 3))
+  init = x[rng.choice(80, 6, replace=False)] + 0.05
+  init[5] = 100.0  # a far centroid: its cluster stays empty and keeps its position
+  got = jax.jit(rep.lloyd, static_argnums=2)(x.astype(np.float32), init.astype(np.float32), 10)
+  np.testing.assert_allclose(got, numpy_lloyd(x, init, 10), rtol=1e-4, atol=1e-5)
+
+
+def test_kmeans_recovers_separated_blobs():
+  rng = np.random.default_rng(4)
+  centres = np.array([[0, 0], [20, 0], [0, 20], [20, 20]], float)
+  assign = np.repeat(np.arange(4), 25)
+  x = (centres[assign] + rng.normal(size=(100, 2))).astype(np.float32)
+  got = np.asarray(rep.kmeans(x, 4, rep.member_key(7, 0)))
+  blob_means = np.stack([x[assign == j].mean(0) for j in range(4)])
+  order = [int(np.argmin(((got - m) ** 2).sum(-1))) for m in blob_means]
+  assert sorted(order) == [0, 1, 2, 3]
+  np.testing.assert_allclose(got[order], blob_means, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_prototype_scores_match_numpy(normalize):
+  rng = np.random.default_rng(5)
+  feats = rng.normal(size=(2, 50, 4)).astype(np.float32)
+  labels = rng.integers(0, 3, 50)
+  out = rep.prototype_scores(feats, labels, num_clusters=5, seed=11, normalize=normalize)
+  if normalize:
+    feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+  for j in range(2):
+    f = feats[j].astype(np.float64)
+    sup = [np.linalg.norm(f[i] - f[labels == labels[i]].mean(0)) for i in range(50)]
+    np.testing.assert_allclose(out["proto_supervised"][j], sup, rtol=1e-4, atol=1e-5)
+    cents = np.asarray(rep.kmeans(feats[j], 5, rep.member_key(11, j)), np.float64)
+    selfsup = [min(np.linalg.norm(f[i] - c) for c in cents) for i in range(50)]
+    np.testing.assert_allclose(out["proto_selfsup"][j], selfsup, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match=r"num_clusters must be an int in \[1, 50\]"):
+    rep.prototype_scores(feats, labels, num_clusters=51)
