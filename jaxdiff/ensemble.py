@@ -38,12 +38,15 @@ class MemberState:
     opt_state: Optax state (holds the step count used by learning-rate schedules).
     diverged: bool, True once the member's loss or parameters became non-finite.
     diverged_step: int32, the global step at which it diverged (-1 if it has not).
+    lr_scale: float32, this member's learning-rate multiplier (1.0 unless
+      `optim.member_lr_scale` gives per-member values, e.g. for a learning-rate sweep).
   """
   params: Any
   batch_stats: Any
   opt_state: Any
   diverged: jax.Array
   diverged_step: jax.Array
+  lr_scale: jax.Array
 
 
 def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int, num_epochs: int
@@ -130,24 +133,33 @@ class Engine:
 
   # ------------------------------------------------------------------ init
 
-  def init(self, init_keys: jax.Array, example_x: np.ndarray) -> MemberState:
+  def init(self, init_keys: jax.Array, example_x: np.ndarray,
+           lr_scale: np.ndarray | None = None) -> MemberState:
     """Initialises one member per key, each from its own key.
 
     Args:
       init_keys: `[R]` PRNG keys.
       example_x: `[B, ...]` a batch of inputs (shapes only).
+      lr_scale: optional float `[R]` per-member learning-rate multipliers (default 1).
     Returns:
       MemberState with a leading `[R]` axis on every leaf.
     """
     x = jnp.asarray(example_x[:1])
+    num_runs = init_keys.shape[0]
+    if lr_scale is None:
+      lr_scale = np.ones(num_runs, np.float32)
+    lr_scale = np.asarray(lr_scale, np.float32)
+    if lr_scale.shape != (num_runs,) or not np.all(lr_scale > 0):
+      raise ValueError(f"member learning-rate scales {lr_scale.tolist()}: need {num_runs} "
+                       "positive values, one per member")
 
-    def init_one(key):
+    def init_one(key, scale):
       variables = self.model.init(key, x, train=False)
       params = variables["params"]
       return MemberState(params=params, batch_stats=variables.get("batch_stats", {}),
                          opt_state=self.tx.init(params), diverged=jnp.array(False),
-                         diverged_step=jnp.array(-1, jnp.int32))
-    state = jax.jit(jax.vmap(init_one))(init_keys)
+                         diverged_step=jnp.array(-1, jnp.int32), lr_scale=scale)
+    state = jax.jit(jax.vmap(init_one))(init_keys, jnp.asarray(lr_scale))
     self._resolve(state.params)
     return self.shard(state)
 
@@ -207,6 +219,8 @@ class Engine:
 
     (loss, (losses, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
     updates, new_opt = self.tx.update(grads, st.opt_state, st.params)
+    # Scaling the final update scales the learning rate (SGD with momentum, Adam); x1.0 is exact.
+    updates = jax.tree_util.tree_map(lambda u: u * st.lr_scale.astype(u.dtype), updates)
     new_params = optax.apply_updates(st.params, updates)
     ok = jnp.isfinite(loss) & _all_finite(new_params) & ~st.diverged
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -214,7 +228,8 @@ class Engine:
     new_state = MemberState(
         params=keep(new_params, st.params), batch_stats=keep(new_bs, st.batch_stats),
         opt_state=keep(new_opt, st.opt_state), diverged=st.diverged | newly,
-        diverged_step=jnp.where(newly, jnp.asarray(step, jnp.int32), st.diverged_step))
+        diverged_step=jnp.where(newly, jnp.asarray(step, jnp.int32), st.diverged_step),
+        lr_scale=st.lr_scale)
     return new_state, {"loss": losses, "correct": jnp.argmax(logits, -1) == y}
 
   # ------------------------------------------------------------------ an epoch

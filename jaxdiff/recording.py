@@ -1,59 +1,184 @@
 """Score recording during training: per-epoch evaluation, metrics and trajectory accumulators.
 
-The Recorder turns each end-of-epoch evaluation into per-member metrics (metrics.jsonl) and feeds
-the online trajectory accumulators; `finalize` returns every score as `[R, N]` for store.py.
+The Recorder turns each end-of-epoch evaluation (all training examples, no augmentation) into
+per-member metrics (metrics.jsonl), feeds the online trajectory accumulators (epoch level, the
+members' own minibatches, VoG), and `finalize` returns every score as `[R, N]` for store.py.
+Its `state` is a pytree of arrays, checkpointed with the model so that resuming is exact.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+
+from jaxdiff import scores as S
+from jaxdiff import store
+
+# Default recording options (the `scores` config section).
+DEFAULTS = {
+    "chunk_size": 1024,        # examples per jitted scoring call
+    "grand": True,             # GraNd at the end of training (and at snapshot_epochs)
+    "grand_method": "ghost",   # exact per-example norms; "vmap" is the reference
+    "minibatch": True,         # forgetting / learning time over the members' own minibatches
+    "vog": "auto",             # VoG input-gradient variance: True | False | "auto" (if < 2 GB)
+    "representation": True,    # prediction depth (k-NN probes) and prototypes at the end
+    "knn_k": 30,
+    "num_prototypes": 0,       # k-means clusters for proto_selfsup (0 = number of classes)
+    "snapshot_epochs": (),     # extra el2n/grand/loss snapshots "<name>_e<epoch>" (Paul et al.)
+    "save_history": False,     # per-epoch logits in <workdir>/history/epoch_XXXX.npz
+}
 
 
 def validate(config: Mapping[str, Any]) -> None:
-  del config
+  """Raises ValueError naming unknown options or bad values of the `scores` config section."""
+  config = dict(config or {})
+  unknown = sorted(set(config) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown scores option(s) {unknown}; valid: {sorted(DEFAULTS)}")
+  opts = {**DEFAULTS, **config}
+  if opts["grand_method"] not in S.grand.METHODS:
+    raise ValueError(f"unknown scores.grand_method {opts['grand_method']!r}; valid: "
+                     f"{list(S.grand.METHODS)}")
+  if opts["vog"] not in (True, False, "auto"):
+    raise ValueError(f"scores.vog={opts['vog']!r}: valid values are True, False, 'auto'")
+  for field in ("chunk_size", "knn_k"):
+    if int(opts[field]) <= 0:
+      raise ValueError(f"scores.{field}={opts[field]}: must be positive")
 
 
 class Recorder:
-  """Per-epoch evaluation and score accumulation for one ensemble."""
+  """Per-epoch evaluation and score accumulation for one ensemble.
 
-  def __init__(self, config: Mapping[str, Any], engine, ds, num_runs: int):
-    self.config = config
+  Attributes:
+    state: pytree of arrays (accumulators) saved in every checkpoint.
+  """
+
+  def __init__(self, config: Mapping[str, Any], engine, ds, num_runs: int,
+               workdir: str | None = None):
+    self.opts = {**DEFAULTS, **dict(config or {})}
     self.engine = engine
     self.ds = ds
     self.num_runs = num_runs
+    self.workdir = workdir
+    self.chunk = int(self.opts["chunk_size"])
     n = ds.num_train
-    self.state = {"sum_loss": jnp.zeros((num_runs, n)), "count": jnp.zeros((), jnp.int32)}
-    self.chunk = int(config.get("chunk_size", 1024)) if config else 1024
+    per_example = int(np.prod(ds.x_train.shape[1:]))
+    vog = self.opts["vog"]
+    self.vog = bool(vog) if vog != "auto" else num_runs * n * per_example * 16 < 2 * 2**30
+    self.state = {"epoch": S.EpochAccumulator.init(num_runs, n)}
+    if self.opts["minibatch"]:
+      self.state["minibatch"] = S.MinibatchForgetting.init(num_runs, n)
+    if self.vog:
+      self.state["vog"] = _vog_init(num_runs, n, per_example)
+    # One apply function object, so the jitted score kernels compile once.
+    self.apply_fn = engine.apply_fn
 
-  def _eval(self, state, x, y):
-    logits = self.engine.logits(state, x, self.chunk)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)[None])
-    correct = (jnp.argmax(logits, -1) == jnp.asarray(y)[None]).astype(jnp.float32)
-    return logits, loss, correct
+  def _variables(self, state):
+    return self.engine.variables(state)
 
   def on_epoch(self, epoch: int, state, idx, seen) -> list[dict]:
-    _, loss, correct = self._eval(state, self.ds.x_train, self.ds.y_train)
-    _, tloss, tcorrect = self._eval(state, self.ds.x_test, self.ds.y_test)
-    self.state = {"sum_loss": self.state["sum_loss"] + loss, "count": self.state["count"] + 1}
+    """Evaluates every member after `epoch` and updates the accumulators.
+
+    Args:
+      epoch: 1-based epoch just finished.
+      state: stacked MemberState.
+      idx: int `[R, S, B]` the examples of each member's minibatches this epoch.
+      seen: {"correct": [R, S, B], "loss": [R, S, B]} as the members saw them in training.
+    Returns:
+      per-member metric records for metrics.jsonl.
+    """
+    v = self._variables(state)
+    pts, logits = S.compute_point_scores(self.apply_fn, v, self.ds.x_train, self.ds.y_train,
+                                         self.chunk, return_logits=True)
+    test = S.compute_point_scores(self.apply_fn, v, self.ds.x_test, self.ds.y_test, self.chunk)
+    self.state["epoch"] = S.EpochAccumulator.update(self.state["epoch"], pts, epoch)
+    if "minibatch" in self.state:
+      num_steps = idx.shape[1]
+      step0 = (epoch - 1) * num_steps
+      mb = self.state["minibatch"]
+      for s in range(num_steps):
+        mb = S.MinibatchForgetting.update(mb, idx[:, s], seen["correct"][:, s], step0 + s)
+      self.state["minibatch"] = mb
+    if self.vog:
+      grads = S.input_grad_py(self.apply_fn, v, self.ds.x_train, self.ds.y_train, self.chunk)
+      self.state["vog"] = S.VoGAccumulator.update(dict(self.state["vog"]), grads)
+    if self.opts["save_history"] and self.workdir:
+      _save_history(self.workdir, epoch, logits)
+    snaps = {}
+    if epoch in tuple(self.opts["snapshot_epochs"]):
+      snaps = self._snapshot(v, pts, epoch)
+    if snaps and self.workdir:
+      for name, value in snaps.items():
+        store.atomic_save_npy(os.path.join(self.workdir, "snapshots", f"{name}.npy"), value)
     diverged = np.asarray(state.diverged)
-    tr_l, tr_a = np.asarray(loss.mean(1)), np.asarray(correct.mean(1))
-    te_l, te_a = np.asarray(tloss.mean(1)), np.asarray(tcorrect.mean(1))
-    seen_loss = np.asarray(seen["loss"].mean((1, 2)))
-    return [{"epoch": epoch, "member": r, "train_loss": float(tr_l[r]), "train_acc": float(tr_a[r]),
-             "test_loss": float(te_l[r]), "test_acc": float(te_a[r]),
-             "minibatch_loss": float(seen_loss[r]), "diverged": bool(diverged[r])}
+    mb_loss = np.asarray(seen["loss"]).mean((1, 2))
+    mb_acc = np.asarray(seen["correct"]).mean((1, 2))
+    return [{"epoch": epoch, "member": r, "train_loss": float(pts["loss"][r].mean()),
+             "train_acc": float(pts["correct"][r].mean()),
+             "test_loss": float(test["loss"][r].mean()),
+             "test_acc": float(test["correct"][r].mean()),
+             "minibatch_loss": float(mb_loss[r]), "minibatch_acc": float(mb_acc[r]),
+             "diverged": bool(diverged[r])}
             for r in range(self.num_runs)]
 
-  def finalize(self, state) -> dict[str, np.ndarray]:
-    _, loss, correct = self._eval(state, self.ds.x_train, self.ds.y_train)
-    out = {"loss": np.asarray(loss), "correct": np.asarray(correct),
-           "mean_loss": np.asarray(self.state["sum_loss"] / self.state["count"])}
-    diverged = np.asarray(state.diverged)
-    for k in out:
-      out[k] = np.where(diverged[:, None], np.nan, out[k]).astype(np.float32)
+  def _snapshot(self, v, pts, epoch) -> dict[str, np.ndarray]:
+    out = {f"el2n_e{epoch}": pts["el2n"], f"loss_e{epoch}": pts["loss"]}
+    if self.opts["grand"]:
+      out[f"grand_e{epoch}"] = self._grand(v)
     return out
+
+  def _grand(self, v) -> np.ndarray:
+    return S.grand_scores(self.apply_fn, v, self.ds.x_train, self.ds.y_train,
+                          chunk_size=self.chunk, method=self.opts["grand_method"])
+
+  def finalize(self, state) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """All scores at the end of training.
+
+    Returns:
+      (per-member scores `{name: float32 [R, N]}`, higher = harder (see `scores.NEGATED`), NaN for
+       diverged members; ensemble scores `{name: [N]}` over the non-diverged members).
+    """
+    v = self._variables(state)
+    x, y = self.ds.x_train, self.ds.y_train
+    pts, logits = S.compute_point_scores(self.apply_fn, v, x, y, self.chunk, return_logits=True)
+    out = dict(pts)
+    if self.opts["grand"]:
+      out["grand"] = self._grand(v)
+    out.update(S.EpochAccumulator.finalize(self.state["epoch"]))
+    if "minibatch" in self.state:
+      out.update(S.MinibatchForgetting.finalize(self.state["minibatch"]))
+    if self.vog:
+      out.update(S.VoGAccumulator.finalize(dict(self.state["vog"]), y))
+    if self.opts["representation"]:
+      layers, _ = S.representation.features(self.apply_fn, v, x, self.chunk, include_input=True,
+                                            return_logits=True)
+      out["prediction_depth"] = S.prediction_depth(layers, y, None, logits.argmax(-1),
+                                                   k=int(self.opts["knn_k"]))
+      k = int(self.opts["num_prototypes"]) or self.ds.num_classes
+      out.update(S.prototype_scores(layers[-1], y, k, seed=0))
+    diverged = np.asarray(state.diverged)
+    out = S.orient(out, strict=False)
+    out = {k: np.where(diverged[:, None], np.nan, val).astype(np.float32) for k, val in out.items()}
+    ok = ~diverged
+    probs = np.asarray(jax.nn.softmax(logits[ok], axis=-1)) if ok.any() else None
+    ens = S.ensemble_scores(probs, y) if probs is not None else {}
+    return out, ens
+
+
+def _vog_init(num_runs, n, per_example):
+  st = S.VoGAccumulator.init(num_runs, n)
+  # Fix the gradient shape up front so the checkpointed pytree has constant shapes.
+  st["mean"] = np.zeros((num_runs, n, per_example))
+  st["m2"] = np.zeros((num_runs, n, per_example))
+  return st
+
+
+def _save_history(workdir, epoch, logits):
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.savez(buf, logits=np.asarray(logits, np.float32))
+  store.atomic_write_bytes(os.path.join(workdir, "history", f"epoch_{epoch:04d}.npz"),
+                           buf.getvalue())

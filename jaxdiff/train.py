@@ -24,6 +24,7 @@ from jaxdiff import data as data_lib
 from jaxdiff import ensemble as ens
 from jaxdiff import models
 from jaxdiff import recording
+from jaxdiff import scores as scores_lib
 from jaxdiff import store
 
 # Config fields that may change between a run and its resumption without changing its numbers.
@@ -164,10 +165,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       epoch_loop=config.get("epoch_loop", "auto"), mesh=mesh)
   member_ids = np.arange(config.get("first_member", 0), config.get("first_member", 0) + num_runs)
   init_keys, data_keys, aug_keys = ens.member_keys(config.seed, member_ids)
-  state = engine.init(init_keys, ds.x_train[:1])
+  scales = list(config.optim.get("member_lr_scale", ()) or ())
+  state = engine.init(init_keys, ds.x_train[:1], np.asarray(scales) if scales else None)
   data_keys, aug_keys = engine.shard(data_keys), engine.shard(aug_keys)
   x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
-  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs)
+  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir)
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
@@ -207,14 +209,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "member_ids": member_ids.tolist(), "num_epochs": num_epochs,
           "diverged": np.asarray(state.diverged).tolist(),
           "diverged_step": np.asarray(state.diverged_step).tolist()}
-  final = recorder.finalize(state)
+  final, ensemble_scores = recorder.finalize(state)
+  meta["orientation"] = ("higher is harder: scores whose natural value is higher-is-easier are "
+                         "stored negated (listed in 'negated')")
+  meta["negated"] = sorted(set(final) & scores_lib.NEGATED)
   store.save_scores(os.path.join(workdir, "scores"), final, example_ids=ds.example_ids,
                     labels=ds.y_train, meta=meta)
+  if ensemble_scores:  # one value per example, over the non-diverged members
+    store.atomic_write_bytes(os.path.join(workdir, "ensemble_scores.npz"),
+                             _npz_bytes(ensemble_scores))
   if ds.noise_mask.any():
     store.atomic_save_npy(os.path.join(workdir, "noise_mask.npy"), ds.noise_mask)
   test_acc = np.array([r["test_acc"] for r in log_last(log)])
   return {"test_acc": test_acc, "diverged": np.asarray(state.diverged), "state": state,
           "dataset": ds.fingerprint(), "engine": engine}
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+  return buf.getvalue()
 
 
 def log_last(log: _MetricsLog):

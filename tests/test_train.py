@@ -88,3 +88,23 @@ def test_script_runs_and_refuses_bad_arch(tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "unknown architecture 'rnn'" in r.stderr
   assert not (tmp_path / "v").exists()
+
+
+def test_diverging_member_is_flagged_and_others_unchanged(tmp_path):
+  """An over-large learning rate for member 1 only: it is flagged, its scores are NaN, and the
+  other members' scores equal those of a run where nobody diverged, bit for bit."""
+  base = {"optim.name": "sgd", "optim.lr": 0.1}
+  clean = tiny_config("mlp", **base)
+  train.train_and_evaluate(clean, str(tmp_path / "clean"))
+  bad = tiny_config("mlp", **base, **{"optim.member_lr_scale": (1.0, 1e9, 1.0)})
+  train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  a, b = store.load_scores(str(tmp_path / "clean" / "scores")), store.load_scores(
+      str(tmp_path / "bad" / "scores"))
+  assert b.meta["diverged"] == [False, True, False] and b.meta["diverged_step"][1] >= 0
+  assert a.meta["diverged"] == [False] * 3
+  for name in ("loss", "grand", "forgetting_events", "prediction_depth"):
+    assert np.isnan(b.scores[name][1]).all()
+    np.testing.assert_array_equal(a.scores[name][[0, 2]], b.scores[name][[0, 2]])
+    np.testing.assert_array_equal(b.get(name), a.scores[name][[0, 2]])  # excluded by default
+  recs = [r for r in train.read_metrics(str(tmp_path / "bad")) if r["member"] == 1]
+  assert all(r["diverged"] for r in recs)
