@@ -17,6 +17,7 @@ import scipy.stats as st
 from experiments import analyze as analyze_script
 from jaxdiff import analysis as A
 from jaxdiff import store
+from jaxdiff.analysis import correlation
 from jaxdiff.analysis import sensitivity as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def test_reliability_curve_matches_slow_reference_for_its_draws():
   for d in range(3):
     perm = draws.permutation(r)
     for k, m in enumerate(curve.ns):
-      a, b, held = s[perm[:m]].mean(0), s[perm[r - m:]].mean(0), s[perm[m:]].mean(0)
+      a, b, held = s[perm[:m]].mean(0), s[perm[r - m:]].mean(0), s[perm[r - r // 2:]].mean(0)
       assert curve.split["pearson"][k, d] == pytest.approx(st.pearsonr(a, b).statistic, abs=1e-10)
       assert curve.split["spearman"][k, d] == pytest.approx(st.spearmanr(a, b).statistic, abs=1e-10)
       assert curve.reference["spearman"][k, d] == pytest.approx(
@@ -107,6 +108,30 @@ def test_reliability_curve_matches_slow_reference_for_its_draws():
                                                              abs=1e-10)
       err = np.abs(st.rankdata(a) - st.rankdata(held)) / n
       assert curve.rank_error[0.9][k, d] == pytest.approx(np.quantile(err, 0.9), abs=1e-12)
+
+
+def test_reliability_reference_when_half_is_not_in_ns():
+  rng = np.random.default_rng(21)
+  s = _truth_plus_noise(rng, 10, 200, 1.0, 1.0)
+  curve = A.reliability_curve(s, ns=[1, 3], num_draws=2, kendall_draws=0, seed=5)
+  draws = np.random.default_rng(5)
+  for d in range(2):
+    perm = draws.permutation(10)
+    ref = s[perm[5:]].mean(0)
+    for k, m in enumerate([1, 3]):
+      a = s[perm[:m]].mean(0)
+      assert curve.reference["pearson"][k, d] == pytest.approx(st.pearsonr(a, ref).statistic,
+                                                               abs=1e-10)
+
+
+def test_half_integer_quantiles_match_numpy():
+  rng = np.random.default_rng(22)
+  qs = [0.0, 0.13, 0.5, 0.9, 0.99, 1.0]
+  for n in (1, 2, 5, 999):
+    d = np.abs(A.rank_average(rng.integers(0, 20, (3, n)), 1) -
+               A.rank_average(rng.integers(0, 20, (3, n)), 1))
+    np.testing.assert_allclose(correlation.half_integer_quantiles(d, qs),
+                               np.quantile(d, qs, axis=1), atol=1e-12)
 
 
 def test_reliability_known_answer_truth_plus_noise():
@@ -123,9 +148,9 @@ def test_reliability_known_answer_truth_plus_noise():
                              atol=0.015)
   np.testing.assert_allclose(curve.split["kendall"].mean(1), 2 / np.pi * np.arcsin(rho_n),
                              atol=0.02)
-  # Against the held-out mean of m = R - n runs: corr = sqrt(rho_n rho_m).
+  # Against the reference, the mean of R // 2 other runs: corr = sqrt(rho_n rho_{R/2}).
   np.testing.assert_allclose(curve.reference["pearson"].mean(1),
-                             np.sqrt(rho_n * A.spearman_brown(rho1, r - curve.ns)), atol=0.015)
+                             np.sqrt(rho_n * A.spearman_brown(rho1, r // 2)), atol=0.015)
   table = {(row["metric"], row["target"]): row for row in A.runs_needed_table(curve)}
   row = table["pearson", 0.9]
   assert row["rho1"] == pytest.approx(rho1, abs=0.015)

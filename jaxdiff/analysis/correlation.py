@@ -107,9 +107,9 @@ def half_integer_quantiles(d: np.ndarray, qs) -> np.ndarray:
     lo = int(np.floor(h))
     hi = min(lo + 1, n - 1)
     # The i-th smallest value (0-based) is the first grid point whose cumulative count exceeds i.
-    v_lo = (cum <= lo).sum(axis=1) / 2.0
-    v_hi = (cum <= hi).sum(axis=1) / 2.0
-    out[j] = v_lo + (h - lo) * (v_hi - v_lo)
+    for row in range(k):
+      v_lo, v_hi = np.searchsorted(cum[row], [lo, hi], side="right") / 2.0
+      out[j, row] = v_lo + (h - lo) * (v_hi - v_lo)
   return out
 
 

@@ -39,6 +39,15 @@ def check_scores(scores: np.ndarray, name: str = "scores", min_runs: int = 2,
   return s
 
 
+def run_moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+  """(R, mean `[N]`, unbiased variance `[N]`) over the runs of `[R, N]`: float64 accumulators,
+  deviations centred in x's own precision (no float64 copy of the whole tensor)."""
+  n = x.shape[0]
+  mean = x.sum(axis=0, dtype=np.float64) / n
+  dev = x - mean.astype(x.dtype)
+  return n, mean, np.einsum("ij,ij->j", dev, dev, dtype=np.float64) / (n - 1)
+
+
 def default_ns(num_runs: int) -> np.ndarray:
   """n = 1, 2, 4, 8, ... up to num_runs // 2, and num_runs // 2 (two disjoint n-run sets fit)."""
   half = num_runs // 2
@@ -104,10 +113,11 @@ class ReliabilityCurve:
     num_examples: N.
     split: metric -> `[K, D]`: correlation between the means of two disjoint sets of n runs (the
       reliability of an n-run mean; what Spearman-Brown predicts).
-    reference: metric -> `[K, D]`: correlation between an n-run mean and the mean of the other R - n
-      runs (held out, so the reference shares no run with the n-run mean).
+    reference: metric -> `[K, D]`: correlation between an n-run mean and the reference, the mean of
+      the last R // 2 runs of the draw's permutation (disjoint from every n-run set, so the
+      agreement is not inflated by shared runs, and the same reference for every n).
     rank_error: quantile q -> `[K, D]`: the q-quantile over examples of |rank(n-run mean) -
-      rank(held-out mean)| / N, ranks being average ranks.
+      rank(reference)| / N, ranks being average ranks.
     Kendall (split only) has D = kendall_draws columns (it is the slow one).
   """
   ns: np.ndarray
@@ -140,17 +150,29 @@ class ReliabilityCurve:
     return rows
 
 
+def _nested_sums(s: np.ndarray, order: np.ndarray, ns) -> np.ndarray:
+  """`[len(ns), N]`: row i sums the runs order[:ns[i]] (ns ascending: each run is added once)."""
+  out = np.empty((len(ns), s.shape[1]), s.dtype)
+  acc = np.zeros(s.shape[1], s.dtype)
+  prev = 0
+  for i, n in enumerate(ns):
+    acc += s[order[prev:n]].sum(axis=0)
+    out[i] = acc
+    prev = n
+  return out
+
+
 def reliability_curve(scores: np.ndarray, ns: Sequence[int] | None = None, *, num_draws: int = 20,
                       kendall_draws: int = 1, quantiles: Sequence[float] = (0.5, 0.9, 0.99),
                       seed: int = 0) -> ReliabilityCurve:
   """Measures how well the mean of n runs agrees with other runs, for several n.
 
-  Each draw permutes the runs; the first n runs form set A, the last n runs set B (disjoint when
-  2n <= R) and all runs but A the reference (draw d's permutation is the d-th
+  Each draw permutes the runs; the first n runs form set A, the last n runs set B and the last
+  R // 2 runs the reference (both disjoint from A as 2n <= R; draw d's permutation is the d-th
   `numpy.random.default_rng(seed).permutation(R)`). Pearson, Spearman (Pearson of average ranks)
   and Kendall tau-b correlations are computed between mean(A) and mean(B) ("split", the split-half
   reliability of Kwok et al. 2024) and between mean(A) and mean(reference). All n share one
-  permutation per draw, so a draw costs one pass over the runs and 3 len(ns) sorts of N values.
+  permutation per draw, so a draw costs one pass over the runs and 2 len(ns) sorts of N values.
 
   Args:
     scores: `[runs, examples]`, finite.
@@ -187,24 +209,21 @@ def reliability_curve(scores: np.ndarray, ns: Sequence[int] | None = None, *, nu
   # float32 scores carry no more digits than that.
   dtype = np.result_type(s.dtype, np.float32)
   s = np.ascontiguousarray(s, dtype)
-  total = s.sum(axis=0)
+  half = r // 2
   for d in range(num_draws):
     perm = rng.permutation(r)
-    # A_n = first n runs, B_n = last n runs, held-out = all but A_n. The sets are nested in n, so
-    # each block of runs is summed once (sums, not means: every statistic here ignores the scale).
-    sums = np.empty((3 * k, n_ex), dtype)
-    acc_a = np.zeros(n_ex, dtype)
-    acc_b = np.zeros(n_ex, dtype)
-    prev = 0
-    for i, n in enumerate(ns):
-      acc_a += s[perm[prev:n]].sum(axis=0)
-      acc_b += s[perm[r - n:r - prev]].sum(axis=0)
-      prev = n
-      sums[i], sums[k + i] = acc_a, acc_b
-      np.subtract(total, acc_a, out=sums[2 * k + i])
-    a, b, held = sums[:k], sums[k:2 * k], sums[2 * k:]
-    ranks = correlation.rank_average(sums, axis=1)
-    ra, rb, rh = ranks[:k], ranks[k:2 * k], ranks[2 * k:]
+    # A_n = first n runs, B_n = last n runs, reference = last R // 2 runs (sums, not means: every
+    # statistic here ignores the scale).
+    a = _nested_sums(s, perm, ns)
+    b = _nested_sums(s, perm[::-1], ns)
+    if ns[-1] == half:  # the reference is B_{R//2}: rank it once
+      held = b[-1:]
+      ranks = correlation.rank_average(np.concatenate([a, b]), axis=1)
+      ra, rb, rh = ranks[:k], ranks[k:], ranks[-1:]
+    else:
+      held = _nested_sums(s, perm[::-1], [half])
+      ranks = correlation.rank_average(np.concatenate([a, b, held]), axis=1)
+      ra, rb, rh = ranks[:k], ranks[k:2 * k], ranks[2 * k:]
     split["pearson"][:, d] = correlation.pearson_rows(a, b)
     ref["pearson"][:, d] = correlation.pearson_rows(a, held)
     split["spearman"][:, d] = correlation.pearson_rows(ra, rb)
@@ -273,8 +292,8 @@ def spread_vs_difficulty(scores: np.ndarray, num_bins: int = 10) -> Spread:
   s = check_scores(scores)
   if num_bins < 1:
     raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-  mean = s.mean(axis=0, dtype=np.float64)
-  std = s.std(axis=0, ddof=1, dtype=np.float64)
+  _, mean, var = run_moments(s)
+  std = np.sqrt(var)
   n = mean.size
   num_bins = min(num_bins, n)
   order = np.argsort(mean, kind="stable")

@@ -412,7 +412,8 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
   md.append("\n## Reliability across runs\n")
   md.append("Split-half reliability: correlation between the means of two disjoint sets of n runs, "
             "mean over random draws of runs with the central 95% of draws in brackets; rank error "
-            "is |rank - rank of the held-out mean| / N at n = 1; runs needed from Spearman-Brown "
+            "is |rank - rank of the reference| / N at n = 1, the reference being the mean of half "
+            "of the runs, disjoint from the n runs; runs needed from Spearman-Brown "
             "applied to the single-run Spearman reliability.\n\n")
   rel, need = t["reliability"], t["runs_needed"]
   if not rel.empty:

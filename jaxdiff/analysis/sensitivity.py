@@ -15,7 +15,7 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
-from jaxdiff.analysis.reliability import check_scores
+from jaxdiff.analysis.reliability import check_scores, run_moments
 
 LN10 = math.log(10.0)
 
@@ -76,12 +76,6 @@ class WelchResult:
     return 10.0**self.log10_p
 
 
-def _moments(x):
-  """(n, mean, unbiased variance) over runs, float64 accumulators, centred in x's precision."""
-  n = x.shape[0]
-  mean = x.sum(axis=0, dtype=np.float64) / n
-  dev = x - mean.astype(x.dtype)
-  return n, mean, np.einsum("ij,ij->j", dev, dev, dtype=np.float64) / (n - 1)
 
 
 def _effect(na, ma, va, nb, mb, vb, corrected):
@@ -100,14 +94,14 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   (n_b-1) s_b^2) / (n_a + n_b - 2) (Cohen 1988, eq. 2.5.2). a: `[R_a, N]`, b: `[R_b, N]`; returns
   `[N]`."""
   a, b = _pair(a, b)
-  return _effect(*_moments(a), *_moments(b), corrected=False)
+  return _effect(*run_moments(a), *run_moments(b), corrected=False)
 
 
 def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Hedges' g per example: Cohen's d times J = 1 - 3 / (4 (n_a + n_b) - 9), the small-sample bias
   correction of Hedges (1981). a: `[R_a, N]`, b: `[R_b, N]`; returns `[N]`."""
   a, b = _pair(a, b)
-  return _effect(*_moments(a), *_moments(b), corrected=True)
+  return _effect(*run_moments(a), *run_moments(b), corrected=True)
 
 
 def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
@@ -123,7 +117,7 @@ def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
     A `WelchResult` with `[N]` arrays.
   """
   a, b = _pair(a, b)
-  return _welch(_moments(a), _moments(b))
+  return _welch(run_moments(a), run_moments(b))
 
 
 def _welch(moments_a, moments_b) -> WelchResult:
@@ -339,7 +333,7 @@ def pairwise_sensitivity(scores_by_arch: Mapping[str, np.ndarray], *, alpha: flo
   sizes = {a: s.shape[1] for a, s in checked.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"architectures cover different numbers of examples: {sizes}")
-  moments = {a: _moments(s) for a, s in checked.items()}  # once per arch, shared by its pairs
+  moments = {a: run_moments(s) for a, s in checked.items()}  # once per arch, shared by its pairs
   res = [_welch(moments[x], moments[y]) for x, y in pairs]
   perm = None
   if num_permutations:
