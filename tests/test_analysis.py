@@ -229,6 +229,12 @@ def test_topk_overlap_matches_set_reference():
       b = set(np.argsort(key(y[i]))[:60])
       assert got[i] == pytest.approx(len(a & b) / 60)
   m = A.overlap_matrix(x[:3], 0.1)
+  ties = np.round(x.astype(np.float32))  # many ties at the boundary: still exactly k selected
+  assert (A.top_fraction_mask(ties, 0.3, "easiest").sum(-1) == 60).all()
+  r = correlation.ordinal_ranks(ties)
+  assert (np.sort(r, axis=1) == np.arange(200)).all()
+  order = np.argsort(r, axis=1)
+  assert (np.diff(np.take_along_axis(ties, order, 1), axis=1) >= 0).all()  # ranks sort the values
   assert m[0, 1] == pytest.approx(A.topk_overlap(x[0], x[1], 0.1))
   with pytest.raises(ValueError, match="unknown side 'top'"):
     A.top_fraction_mask(x, 0.1, "top")

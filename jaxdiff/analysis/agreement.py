@@ -81,6 +81,16 @@ def pca_spectrum(corr: np.ndarray, names: Sequence[str] | None = None) -> Spectr
                   loadings=vectors[:, order].T, names=[n for n, k in zip(names, keep) if k])
 
 
+def _k(fraction: float, n: int) -> int:
+  return max(1, int(round(check_fraction(fraction) * n)))
+
+
+def _mask(ranks: np.ndarray, fraction: float, side: str) -> np.ndarray:
+  n = ranks.shape[-1]
+  k = _k(fraction, n)
+  return ranks >= n - k if check_side(side) == "hardest" else ranks < k
+
+
 def top_fraction_mask(x: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
   """Bool mask of the k = max(1, round(fraction N)) hardest (largest) or easiest (smallest) ones.
 
@@ -97,14 +107,7 @@ def top_fraction_mask(x: np.ndarray, fraction: float, side: str = "hardest") -> 
   """
   check_fraction(fraction)
   check_side(side)
-  x = np.asarray(x)
-  n = x.shape[-1]
-  k = max(1, int(round(fraction * n)))
-  key = -x if side == "hardest" else x
-  idx = np.argpartition(key, k - 1, axis=-1)[..., :k]
-  mask = np.zeros(x.shape, bool)
-  np.put_along_axis(mask, idx, True, axis=-1)
-  return mask
+  return _mask(correlation.ordinal_ranks(x), fraction, side)
 
 
 def topk_overlap(x: np.ndarray, y: np.ndarray, fraction: float,
@@ -115,11 +118,13 @@ def topk_overlap(x: np.ndarray, y: np.ndarray, fraction: float,
   return (mx & my).sum(-1) / mx.sum(-1)
 
 
-def overlap_matrix(x: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
-  """Top-k overlap `[K, K]` between all pairs of rows of `x` `[K, N]` (e.g. averaged scores)."""
-  m = top_fraction_mask(np.asarray(x), fraction, side).astype(np.float32)
-  k = m[0].sum()
-  return (m @ m.T).astype(np.float64) / k
+def overlap_matrix(x: np.ndarray, fraction: float, side: str = "hardest", *,
+                   ranks: np.ndarray | None = None) -> np.ndarray:
+  """Top-k overlap `[K, K]` between all pairs of rows of `x` `[K, N]` (e.g. averaged scores);
+  `ranks` = `correlation.ordinal_ranks(x)` may be passed to reuse one sort for several fractions."""
+  ranks = correlation.ordinal_ranks(x) if ranks is None else ranks
+  m = _mask(ranks, fraction, side).astype(np.float32)
+  return (m @ m.T).astype(np.float64) / _k(fraction, m.shape[-1])
 
 
 def run_overlap(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS, *, num_pairs: int = 20,
@@ -141,11 +146,13 @@ def run_overlap(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS, *, n
   s = check_scores(scores)
   perm = np.random.default_rng(seed).permutation(s.shape[0])
   p = min(num_pairs, s.shape[0] // 2)
-  a, b = s[perm[0:2 * p:2]], s[perm[1:2 * p:2]]
+  # One sort per run serves every fraction and side.
+  ra = correlation.ordinal_ranks(s[perm[0:2 * p:2]])
+  rb = correlation.ordinal_ranks(s[perm[1:2 * p:2]])
   rows = []
   for f in fractions:
     for side in SIDES:
-      v = topk_overlap(a, b, f, side)
+      v = (_mask(ra, f, side) & _mask(rb, f, side)).sum(-1) / _k(f, s.shape[1])
       rows.append(dict(fraction=float(f), side=side, mean=float(v.mean()), min=float(v.min()),
                        max=float(v.max()), pairs=int(p), chance=float(f)))
   return rows
@@ -168,5 +175,7 @@ def score_agreement(scores: Mapping[str, np.ndarray], *,
   names, means = stack_means(scores)
   corr = {m: correlation.correlation_matrix(means, m) for m in methods}
   pca = {m: pca_spectrum(c, names) for m, c in corr.items() if m != "kendall"}
-  overlap = {(float(f), side): overlap_matrix(means, f, side) for f in fractions for side in SIDES}
+  ranks = correlation.ordinal_ranks(means)
+  overlap = {(float(f), side): overlap_matrix(means, f, side, ranks=ranks)
+             for f in fractions for side in SIDES}
   return dict(names=names, corr=corr, pca=pca, overlap=overlap)

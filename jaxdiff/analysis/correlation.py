@@ -83,6 +83,25 @@ def rank_average(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return np.moveaxis(out.reshape(shape), -1, axis)
 
 
+def ordinal_ranks(x: np.ndarray) -> np.ndarray:
+  """0-based ranks along the last axis, ties broken by the sort (arbitrary but exactly 0..N-1).
+
+  Args:
+    x: `[..., N]`.
+
+  Returns:
+    int64 `[..., N]`: a top-k set is `ranks >= N - k`, a bottom-k set `ranks < k`.
+  """
+  x = np.asarray(x)
+  n = x.shape[-1]
+  rows = x.reshape(-1, n)
+  out = np.empty(rows.shape, np.int64)
+  positions = np.arange(n)
+  for i, row in enumerate(rows):  # rows (runs, scores), each sorted over all examples at once
+    out[i, _sorted_order(row)[0]] = positions
+  return out.reshape(x.shape)
+
+
 def half_integer_quantiles(d: np.ndarray, qs) -> np.ndarray:
   """`np.quantile(d, qs, axis=-1)` ("linear" method) for d >= 0 on a grid of halves, via histograms.
 
@@ -113,6 +132,23 @@ def half_integer_quantiles(d: np.ndarray, qs) -> np.ndarray:
   return out
 
 
+def standardize_rows(x: np.ndarray) -> np.ndarray:
+  """Rows centred and scaled to unit norm along the last axis (float64; NaN rows if constant), so
+  that the Pearson correlation of two rows is their dot product."""
+  z = np.array(x, np.float64)
+  z -= z.mean(-1, keepdims=True)
+  norm = np.sqrt(np.einsum("...i,...i->...", z, z))[..., None]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    z /= np.where(norm > 0, norm, np.nan)
+  return z
+
+
+def dot_rows(zx: np.ndarray, zy: np.ndarray) -> np.ndarray:
+  """Pearson correlation of standardized rows (`standardize_rows`), clipped to [-1, 1]."""
+  zx, zy = np.broadcast_arrays(zx, zy)
+  return np.clip(np.einsum("...i,...i->...", zx, zy), -1.0, 1.0)
+
+
 def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   """Pearson correlation between matching rows: r = cov(x, y) / (sd(x) sd(y)) along the last axis.
 
@@ -122,13 +158,7 @@ def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   Returns:
     float64 `[...]`; NaN where a row is constant.
   """
-  x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
-  x = x - x.mean(-1, keepdims=True)
-  y = y - y.mean(-1, keepdims=True)
-  num = np.einsum("...i,...i->...", x, y)
-  den = np.sqrt(np.einsum("...i,...i->...", x, x) * np.einsum("...i,...i->...", y, y))
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+  return dot_rows(standardize_rows(x), standardize_rows(y))
 
 
 def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -224,10 +224,12 @@ def reliability_curve(scores: np.ndarray, ns: Sequence[int] | None = None, *, nu
       held = _nested_sums(s, perm[::-1], [half])
       ranks = correlation.rank_average(np.concatenate([a, b, held]), axis=1)
       ra, rb, rh = ranks[:k], ranks[k:2 * k], ranks[2 * k:]
-    split["pearson"][:, d] = correlation.pearson_rows(a, b)
-    ref["pearson"][:, d] = correlation.pearson_rows(a, held)
-    split["spearman"][:, d] = correlation.pearson_rows(ra, rb)
-    ref["spearman"][:, d] = correlation.pearson_rows(ra, rh)
+    # Standardize each row once; a correlation is then a dot product.
+    za, zra = correlation.standardize_rows(a), correlation.standardize_rows(ra)
+    split["pearson"][:, d] = correlation.dot_rows(za, correlation.standardize_rows(b))
+    ref["pearson"][:, d] = correlation.dot_rows(za, correlation.standardize_rows(held))
+    split["spearman"][:, d] = correlation.dot_rows(zra, correlation.standardize_rows(rb))
+    ref["spearman"][:, d] = correlation.dot_rows(zra, correlation.standardize_rows(rh))
     err = correlation.half_integer_quantiles(np.abs(ra - rh), list(rank_err)) / n_ex
     for qi, q in enumerate(rank_err):
       rank_err[q][:, d] = err[qi]
