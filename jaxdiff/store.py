@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from typing import Any, Mapping
 
@@ -45,6 +46,34 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+# What atomic_write_bytes leaves behind when the process is killed between mkstemp and rename.
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(directory: str, skip: tuple[str, ...] = ()) -> list[str]:
+  """Deletes temporaries of `atomic_write_bytes` cut short by a kill (SIGKILL skips its cleanup).
+
+  Walks `directory` recursively, except subdirectories named in `skip`. Only names of the form
+  `.<file>.<8 random chars>.tmp` are touched; call it before writing, never while another process
+  writes the same directory.
+
+  Returns:
+    the deleted paths.
+  """
+  removed = []
+  for dirpath, dirnames, filenames in os.walk(directory):
+    dirnames[:] = [d for d in dirnames if d not in skip]
+    for f in filenames:
+      if _TMP_NAME.match(f):
+        path = os.path.join(dirpath, f)
+        try:
+          os.unlink(path)
+          removed.append(path)
+        except FileNotFoundError:
+          pass
+  return removed
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -128,6 +157,7 @@ def save_scores(directory: str, scores: Mapping[str, np.ndarray], *, example_ids
     if not name or "/" in name or name.startswith(".") or name in ("meta", "example_ids", "labels"):
       raise StoreError(f"invalid score name {name!r}")
   os.makedirs(directory, exist_ok=True)
+  remove_stale_temporaries(directory)
   # Remove meta first so that a crash mid-way leaves a directory marked incomplete.
   meta_path = os.path.join(directory, META)
   if os.path.exists(meta_path):

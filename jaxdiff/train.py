@@ -97,6 +97,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"workdir {workdir!r} was written by a different config ({details}). "
                         "Use a new --workdir, or the original config to resume.")
   os.makedirs(workdir, exist_ok=True)
+  # Temporaries of writes cut short by a kill (checkpoints/ is Orbax's to manage).
+  for stale in store.remove_stale_temporaries(workdir, skip=("checkpoints",)):
+    logging.info("removed %s, left by an interrupted run", stale)
   store.atomic_write_json(path, resolved)
 
 
