@@ -9,8 +9,10 @@ Its `state` is a pytree of arrays, checkpointed with the model so that resuming 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -75,6 +77,17 @@ class Recorder:
       self.state["vog"] = _vog_init(num_runs, n, per_example)
     # One apply function object, so the jitted score kernels compile once.
     self.apply_fn = engine.apply_fn
+    # Score kernels vmap over members; where the engine loops over members (convolutions on CPU,
+    # where a vmapped convolution is a slow grouped one), score one member at a time as well.
+    self.loop_members = getattr(engine, "resolved_member_strategy", "vmap") == "loop"
+
+  def _members(self, fn, v, *args, **kwargs):
+    """`fn(v, *args)` over all members, one member at a time when `loop_members`."""
+    if not self.loop_members:
+      return fn(v, *args, **kwargs)
+    outs = [fn(jax.tree_util.tree_map(lambda a: a[r:r + 1], v), *args, **kwargs)  # pylint: disable=cell-var-from-loop
+            for r in range(self.num_runs)]
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
 
   def _variables(self, state):
     return self.engine.variables(state)
@@ -91,9 +104,8 @@ class Recorder:
       per-member metric records for metrics.jsonl.
     """
     v = self._variables(state)
-    pts, logits = S.compute_point_scores(self.apply_fn, v, self.ds.x_train, self.ds.y_train,
-                                         self.chunk, return_logits=True)
-    test = S.compute_point_scores(self.apply_fn, v, self.ds.x_test, self.ds.y_test, self.chunk)
+    pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
+    test = self._members(self._point, v, self.ds.x_test, self.ds.y_test, False)
     self.state["epoch"] = S.EpochAccumulator.update(self.state["epoch"], pts, epoch)
     if "minibatch" in self.state:
       num_steps = idx.shape[1]
@@ -103,7 +115,8 @@ class Recorder:
         mb = S.MinibatchForgetting.update(mb, idx[:, s], seen["correct"][:, s], step0 + s)
       self.state["minibatch"] = mb
     if self.vog:
-      grads = S.input_grad_py(self.apply_fn, v, self.ds.x_train, self.ds.y_train, self.chunk)
+      grads = self._members(lambda vv: S.input_grad_py(self.apply_fn, vv, self.ds.x_train,
+                                                       self.ds.y_train, self.chunk), v)
       self.state["vog"] = S.VoGAccumulator.update(dict(self.state["vog"]), grads)
     if self.opts["save_history"] and self.workdir:
       _save_history(self.workdir, epoch, logits)
@@ -130,9 +143,16 @@ class Recorder:
       out[f"grand_e{epoch}"] = self._grand(v)
     return out
 
+  def _point(self, v, x, y, return_logits):
+    return S.compute_point_scores(self.apply_fn, v, x, y, self.chunk, return_logits=return_logits)
+
   def _grand(self, v) -> np.ndarray:
-    return S.grand_scores(self.apply_fn, v, self.ds.x_train, self.ds.y_train,
-                          chunk_size=self.chunk, method=self.opts["grand_method"])
+    # Member by member: per-example gradients as one plain vmap over a chunk (convolutions inside
+    # lax.map are very slow on CPU).
+    kw = {"batch_size": self.chunk} if self.loop_members else {}
+    return self._members(lambda vv: S.grand_scores(
+        self.apply_fn, vv, self.ds.x_train, self.ds.y_train, chunk_size=self.chunk,
+        method=self.opts["grand_method"], **kw), v)
 
   def finalize(self, state) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """All scores at the end of training.
@@ -143,22 +163,30 @@ class Recorder:
     """
     v = self._variables(state)
     x, y = self.ds.x_train, self.ds.y_train
-    pts, logits = S.compute_point_scores(self.apply_fn, v, x, y, self.chunk, return_logits=True)
+    timer = _Timer()
+    pts, logits = self._members(self._point, v, x, y, True)
+    timer("point")
     out = dict(pts)
     if self.opts["grand"]:
       out["grand"] = self._grand(v)
+      timer("grand")
     out.update(S.EpochAccumulator.finalize(self.state["epoch"]))
     if "minibatch" in self.state:
       out.update(S.MinibatchForgetting.finalize(self.state["minibatch"]))
     if self.vog:
       out.update(S.VoGAccumulator.finalize(dict(self.state["vog"]), y))
     if self.opts["representation"]:
-      layers, _ = S.representation.features(self.apply_fn, v, x, self.chunk, include_input=True,
-                                            return_logits=True)
+      layers, _ = self._members(lambda vv: S.representation.features(
+          self.apply_fn, vv, x, self.chunk, include_input=True, return_logits=True), v)
+      timer("features")
       out["prediction_depth"] = S.prediction_depth(layers, y, None, logits.argmax(-1),
                                                    k=int(self.opts["knn_k"]))
+      timer("prediction_depth")
       k = int(self.opts["num_prototypes"]) or self.ds.num_classes
       out.update(S.prototype_scores(layers[-1], y, k, seed=0))
+      timer("prototypes")
+    self.timings = timer.times
+    logging.info("final scoring times (s): %s", timer.times)
     diverged = np.asarray(state.diverged)
     out = S.orient(out, strict=False)
     out = {k: np.where(diverged[:, None], np.nan, val).astype(np.float32) for k, val in out.items()}
@@ -166,6 +194,19 @@ class Recorder:
     probs = np.asarray(jax.nn.softmax(logits[ok], axis=-1)) if ok.any() else None
     ens = S.ensemble_scores(probs, y) if probs is not None else {}
     return out, ens
+
+
+class _Timer:
+  """Wall time of consecutive phases (for the log and BENCHMARKS.md)."""
+
+  def __init__(self):
+    self.times = {}
+    self.t = time.perf_counter()
+
+  def __call__(self, name):
+    now = time.perf_counter()
+    self.times[name] = round(now - self.t, 4)
+    self.t = now
 
 
 def _vog_init(num_runs, n, per_example):

@@ -50,6 +50,10 @@ class DivergenceError(RuntimeError):
   """Every member of the ensemble diverged."""
 
 
+class CheckpointError(RuntimeError):
+  """The workdir has checkpoints, but none of them can be read back."""
+
+
 def _flat(d: Mapping[str, Any], prefix="") -> dict:
   out = {}
   for k, v in d.items():
@@ -179,9 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                                               create=True))
   start_epoch = 0
   target = {"state": state, "recorder": recorder.state}
-  if mngr.latest_step() is not None:
-    start_epoch = int(mngr.latest_step())
-    restored = mngr.restore(start_epoch, args=ocp.args.StandardRestore(target))
+  restored_epoch, restored = _restore_newest_readable(mngr, target, workdir)
+  if restored is not None:
+    start_epoch = restored_epoch
     state = engine.shard(restored["state"])
     recorder.state = restored["recorder"]
     logging.info("resumed %s from epoch %d", workdir, start_epoch)
@@ -224,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if ds.noise_mask.any():
     store.atomic_save_npy(os.path.join(workdir, "noise_mask.npy"), ds.noise_mask)
   test_acc = np.array([r["test_acc"] for r in log_last(log)])
-  return {"test_acc": test_acc, "diverged": np.asarray(state.diverged), "state": state,
+  return {"test_acc": test_acc, "scoring_seconds": recorder.timings, "diverged": np.asarray(state.diverged), "state": state,
           "dataset": ds.fingerprint(), "engine": engine}
 
 
@@ -233,6 +237,51 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
   return buf.getvalue()
+
+
+def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
+  """Restores the newest checkpoint that reads back, falling back to older ones.
+
+  Orbax writes a step atomically, but a file inside it can still be lost or truncated later (a
+  disk error, a copy cut short). An unreadable newer step is moved to
+  `<workdir>/corrupt_checkpoints/<step>` (kept for inspection; its step number is then free to be
+  written again) and training resumes from the older step, which gives the same final result
+  (training is deterministic), only later. Orbax keeps no checksums of array data, so a flipped
+  byte inside an array file is not detected.
+
+  Returns:
+    (epoch, restored pytree), or (0, None) when the workdir has no checkpoint.
+
+  Raises:
+    CheckpointError naming every step, its path and why it could not be read, when none can.
+  """
+  failures = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
+      failures.append((step, e))
+      continue
+    for bad, e in failures:
+      src = os.path.join(str(mngr.directory), str(bad))
+      dest = os.path.join(workdir, "corrupt_checkpoints", str(bad))
+      while os.path.exists(dest):
+        dest += "_"
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      os.replace(src, dest)
+      logging.warning("checkpoint of epoch %d is unreadable (%s: %.300s); moved it to %s and "
+                      "resumed from epoch %d", bad, type(e).__name__, e, dest, step)
+    if failures:
+      mngr.reload()
+    return int(step), restored
+  if failures:
+    details = "; ".join(f"epoch {s} ({os.path.join(str(mngr.directory), str(s))}): "
+                        f"{type(e).__name__}: {str(e)[:300]}" for s, e in failures)
+    raise CheckpointError(
+        f"no checkpoint in {mngr.directory} can be read back: {details}. Delete that directory to "
+        "train this workdir again from the start (same result, deterministic), or restore it "
+        "from a backup.")
+  return 0, None
 
 
 def log_last(log: _MetricsLog):
