@@ -79,6 +79,8 @@ class Recorder:
     self.apply_fn = engine.apply_fn
     # Score kernels vmap over members; where the engine loops over members (convolutions on CPU,
     # where a vmapped convolution is a slow grouped one), score one member at a time as well.
+    self.final_logits = None
+    self.timings = {}
     self.loop_members = getattr(engine, "resolved_member_strategy", "vmap") == "loop"
 
   def _members(self, fn, v, *args, **kwargs):
@@ -165,6 +167,7 @@ class Recorder:
     x, y = self.ds.x_train, self.ds.y_train
     timer = _Timer()
     pts, logits = self._members(self._point, v, x, y, True)
+    self.final_logits = np.asarray(logits)
     timer("point")
     out = dict(pts)
     if self.opts["grand"]:

@@ -159,24 +159,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   ds = data_lib.load_dataset(config.data, arrays)
   model = models.build_model(config.model, ds.num_classes)
-  check_workdir(workdir, config)
 
   num_runs, bs, num_epochs = config.num_runs, config.batch_size, config.num_epochs
   if bs > ds.num_train:
     raise ConfigError(f"batch_size={bs} exceeds the {ds.num_train} training examples")
-  steps_per_epoch = ds.num_train // bs
+  member_ids = np.arange(config.get("first_member", 0), config.get("first_member", 0) + num_runs)
+  fractions = member_fractions(config.get("subset_fraction", 1.0), member_ids)
+  if np.all(fractions == 1.0):
+    subset_mask, steps_per_epoch = None, ds.num_train // bs
+  else:
+    subset_mask = data_lib.subset_masks(config.seed, member_ids, fractions, ds.num_train)
+    smallest = int(subset_mask.sum(1).min())
+    if smallest < bs:
+      raise ConfigError(f"subset_fraction={config.subset_fraction} leaves a member {smallest} "
+                        f"training examples, fewer than batch_size={bs}")
+    steps_per_epoch = smallest // bs
   tx = ens.make_optimizer(config.optim, steps_per_epoch, num_epochs)
   mesh = ens.make_mesh(num_runs, config.get("num_devices", 0))
   engine = ens.Engine(model, tx, augment=bool(config.get("augment", False)) and ds.kind == "image",
                       member_strategy=config.get("member_strategy", "auto"),
                       epoch_loop=config.get("epoch_loop", "auto"), mesh=mesh)
-  member_ids = np.arange(config.get("first_member", 0), config.get("first_member", 0) + num_runs)
   init_keys, data_keys, aug_keys = ens.member_keys(config.seed, member_ids)
   scales = list(config.optim.get("member_lr_scale", ()) or ())
   state = engine.init(init_keys, ds.x_train[:1], np.asarray(scales) if scales else None)
   data_keys, aug_keys = engine.shard(data_keys), engine.shard(aug_keys)
   x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
+  mask_dev = None if subset_mask is None else engine.shard(jnp.asarray(subset_mask))
   recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir)
+  check_workdir(workdir, config)  # only once everything above has validated
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
@@ -194,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   for epoch in range(start_epoch + 1, num_epochs + 1):
     t0 = time.perf_counter()
-    idx = engine.shard(data_lib.epoch_permutations(data_keys, epoch, ds.num_train, bs))
+    idx = engine.shard(data_lib.epoch_permutations(data_keys, epoch, ds.num_train, bs, mask_dev,
+                                                   steps_per_epoch))
     state, seen = engine.train_epoch(state, x_train, y_train, idx, aug_keys,
                                      (epoch - 1) * steps_per_epoch)
     records = recorder.on_epoch(epoch, state, idx, seen)
@@ -215,13 +226,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "arch": config.get("arch_label") or _arch_label(config.model), "seed": config.seed,
           "member_ids": member_ids.tolist(), "num_epochs": num_epochs,
           "diverged": np.asarray(state.diverged).tolist(),
-          "diverged_step": np.asarray(state.diverged_step).tolist()}
+          "diverged_step": np.asarray(state.diverged_step).tolist(),
+          "subset_fractions": fractions.tolist()}
   final, ensemble_scores = recorder.finalize(state)
   meta["orientation"] = ("higher is harder: scores whose natural value is higher-is-easier are "
                          "stored negated (listed in 'negated')")
   meta["negated"] = sorted(set(final) & scores_lib.NEGATED)
   store.save_scores(os.path.join(workdir, "scores"), final, example_ids=ds.example_ids,
                     labels=ds.y_train, meta=meta)
+  store.atomic_save_npy(os.path.join(workdir, "subset_mask.npy"),
+                        np.ones((num_runs, ds.num_train), bool) if subset_mask is None
+                        else subset_mask)
+  logits = recorder.final_logits
+  if logits is not None and logits.nbytes < 2**30:
+    store.atomic_save_npy(os.path.join(workdir, "logits.npy"), logits.astype(np.float32))
   if ensemble_scores:  # one value per example, over the non-diverged members
     store.atomic_write_bytes(os.path.join(workdir, "ensemble_scores.npz"),
                              _npz_bytes(ensemble_scores))
@@ -230,6 +248,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   test_acc = np.array([r["test_acc"] for r in log_last(log)])
   return {"test_acc": test_acc, "scoring_seconds": recorder.timings, "diverged": np.asarray(state.diverged), "state": state,
           "dataset": ds.fingerprint(), "engine": engine}
+
+
+def member_fractions(subset_fraction, member_ids: np.ndarray) -> np.ndarray:
+  """Training-subset fraction of each member: one value, or a tuple assigned by member id
+  (cyclically), so member i keeps its fraction in any ensemble that contains it."""
+  values = (np.atleast_1d(np.asarray(subset_fraction, np.float64))
+            if not isinstance(subset_fraction, str) else None)
+  if values is None or values.size == 0 or not np.all((values > 0) & (values <= 1)):
+    raise ConfigError(f"subset_fraction={subset_fraction!r}: need a fraction in (0, 1] or a "
+                      "tuple of them")
+  return values[np.asarray(member_ids) % values.size]
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:

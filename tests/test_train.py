@@ -108,3 +108,25 @@ def test_diverging_member_is_flagged_and_others_unchanged(tmp_path):
     np.testing.assert_array_equal(b.get(name), a.scores[name][[0, 2]])  # excluded by default
   recs = [r for r in train.read_metrics(str(tmp_path / "bad")) if r["member"] == 1]
   assert all(r["diverged"] for r in recs)
+
+
+def test_subset_fraction_trains_each_member_on_its_own_subset(tmp_path):
+  c = tiny_config("mlp", num_epochs=2, subset_fraction=0.5, **{"scores.save_history": True})
+  train.train_and_evaluate(c, str(tmp_path))
+  mask = np.load(tmp_path / "subset_mask.npy")
+  assert mask.shape == (3, 400) and (mask.sum(1) == 200).all()
+  assert not np.array_equal(mask[0], mask[1])
+  # Only subset examples were ever presented in training (minibatch bookkeeping).
+  s = store.load_scores(str(tmp_path / "scores"))
+  presented = s.scores["mb_presentations"] > 0
+  assert not (presented & ~mask).any() and presented.sum() == 3 * 200
+  assert s.scores["mb_presentations"].sum() == 3 * 2 * 200  # every subset example, each epoch
+  assert s.meta["subset_fractions"] == [0.5] * 3
+  # Member 1's mask depends only on the seed and its id: same in a 1-member run as member 1.
+  c1 = tiny_config("mlp", num_epochs=1, num_runs=1, first_member=1, subset_fraction=0.5)
+  train.train_and_evaluate(c1, str(tmp_path / "one"))
+  np.testing.assert_array_equal(np.load(tmp_path / "one" / "subset_mask.npy")[0], mask[1])
+  assert np.load(tmp_path / "logits.npy").shape == (3, 400, 10)
+  with pytest.raises(train.ConfigError, match="subset_fraction=1.5"):
+    train.train_and_evaluate(tiny_config("mlp", subset_fraction=1.5), str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()

@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
       name="adam", lr=1e-2, momentum=0.9, nesterov=False, weight_decay=0.0,
       schedule="constant", milestones=(0.5, 0.75), decay_factor=0.1, warmup_epochs=0,
       member_lr_scale=()))   # optional per-member lr multipliers, one per member
+  c.subset_fraction = 1.0    # <1: each member trains on its own random subset (C-scores);
+                             # a tuple assigns fractions to members cyclically
   c.batch_size = 100
   c.num_epochs = 100
   c.augment = False          # CIFAR crop+flip, images only
