@@ -75,10 +75,12 @@ def main(argv):
   sets = synthetic_sets(FLAGS.runs, FLAGS.examples, FLAGS.scores, FLAGS.archs)
   gen_s = time.perf_counter() - t0
   load_before = os.getloadavg()
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   result = analysis.analyze(sets, num_draws=FLAGS.num_draws, kendall_draws=FLAGS.kendall_draws,
                             num_workers=FLAGS.num_workers)
   analysis_s = time.perf_counter() - t0
+  # CPU seconds of this process (all threads): less sensitive than wall time to other users' load.
+  analysis_cpu_s = time.process_time() - c0
   with tempfile.TemporaryDirectory() as out:
     t0 = time.perf_counter()
     analysis.write_report(result, out, figures=FLAGS.figures)
@@ -109,14 +111,14 @@ def main(argv):
   print(f"permutation test: {perm_pair_s / FLAGS.num_permutations * 1e3:.2f} ms per relabelling "
         f"per pair (extrapolated, all {len(pairs)} pairs x {FLAGS.scores} scores: "
         f"{perm_pair_s * len(pairs) * FLAGS.scores:.0f} s; smallest p {perm_min_p:.2g})")
-  print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        f"on {os.cpu_count()} CPUs")
+  print(f"analysis CPU time {analysis_cpu_s:.1f} s (all threads); load average before/after: "
+        f"{load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
   counts = result.tables["sensitivity_counts"]
   store.atomic_write_json(FLAGS.out, dict(
       benchmark="analysis", shape=dict(runs=FLAGS.runs, examples=FLAGS.examples,
                                        scores=FLAGS.scores, archs=FLAGS.archs),
       settings=result.settings, num_workers=FLAGS.num_workers, seconds=dict(rows),
-      data_generation_s=gen_s, loadavg_before=load_before, loadavg_after=load_after,
+      analysis_cpu_s=analysis_cpu_s, data_generation_s=gen_s, loadavg_before=load_before, loadavg_after=load_after,
       cpus=os.cpu_count(), numpy=np.__version__, scipy=scipy.__version__,
       python=platform.python_version(), machine=platform.machine(),
       permutation_test=dict(pairs_timed=1, num_permutations=FLAGS.num_permutations,
