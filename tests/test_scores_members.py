@@ -107,3 +107,16 @@ def test_orient_makes_higher_harder():
   with pytest.raises(ValueError, match="unknown score"):
     scores.orient({"bogus": np.zeros(2)})
   assert "bogus" in scores.orient({"bogus": np.zeros(2)}, strict=False)
+
+
+def test_auroc_table_single_and_averaged():
+  from jaxdiff.scores import auroc_table  # pylint: disable=g-import-not-at-top
+  noisy = np.array([True, False, False, True, False])
+  # Run 0 ranks noisy first perfectly; run 1 perfectly wrong; the mean ties within pairs.
+  s = np.array([[5., 1, 2, 4, 3], [1., 4, 5, 2, 3], [np.nan] * 5])
+  rows = auroc_table({"x": s, "const": np.ones((2, 5))}, noisy)
+  assert [r["score"] for r in rows] == ["x"] and rows[0]["runs"] == 2
+  assert rows[0]["auroc_single_mean"] == 0.5 and rows[0]["auroc_single_std"] == 0.5
+  mean = s[:2].mean(0)  # [3, 2.5, 3.5, 3, 3]: pairs noisy>clean: 3>2.5 (x2), ties with 3 (x2)
+  expected = np.mean([(a > b) + 0.5 * (a == b) for a in mean[noisy] for b in mean[~noisy]])
+  assert rows[0]["auroc_mean_score"] == expected

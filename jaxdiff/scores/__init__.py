@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from jaxdiff.scores import grand, input_grad, members, point, representation, trajectory
-from jaxdiff.scores.auroc import auroc
+from jaxdiff.scores.auroc import auroc, auroc_table
 from jaxdiff.scores.grand import grand_scores
 from jaxdiff.scores.input_grad import input_grad_py
 from jaxdiff.scores.members import ensemble_scores
@@ -128,7 +128,7 @@ def orient(scores: Mapping[str, Any], strict: bool = True) -> dict[str, np.ndarr
 __all__ = [
     "ENSEMBLE_SCORES", "EpochAccumulator", "MINIBATCH_SCORES", "MinibatchForgetting", "NEGATED",
     "POINT_SCORES", "REPRESENTATION_SCORES", "SCORES", "TRAJECTORY_SCORES", "VoGAccumulator",
-    "auroc", "compute_point_scores", "ensemble_scores", "grand", "grand_scores", "input_grad",
+    "auroc", "auroc_table", "compute_point_scores", "ensemble_scores", "grand", "grand_scores", "input_grad",
     "input_grad_py", "members", "orient", "point", "point_scores", "prediction_depth",
     "prediction_depth_scores", "prototype_scores", "representation", "trajectory",
     "validate_names",

@@ -41,3 +41,27 @@ def auroc(score: Any, is_noisy: Any) -> float | np.ndarray:
   ranks = stats.rankdata(s, axis=-1)  # average ranks for ties
   result = (ranks[..., noisy].sum(-1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
   return float(result) if s.ndim == 1 else result
+
+
+def auroc_table(scores: dict, is_noisy: Any) -> list[dict]:
+  """AUROC of each score for finding the flipped labels, single runs and the run average.
+
+  Args:
+    scores: name -> `[R, N]` (higher = harder, NaN rows = diverged members, dropped).
+    is_noisy: bool `[N]`.
+
+  Returns:
+    rows sorted by run-average AUROC: {"score", "auroc_mean_score" (AUROC of the score averaged
+    over runs), "auroc_single_mean", "auroc_single_std" (over single runs), "runs"}.
+  """
+  rows = []
+  for name, s in scores.items():
+    s = np.asarray(s, np.float64)
+    s = s[~np.isnan(s).any(axis=1)]
+    if s.shape[0] == 0 or np.all(s == s[:, :1]):
+      continue  # constant score (e.g. no forgetting at all): uninformative
+    single = auroc(s, is_noisy)
+    rows.append({"score": name, "auroc_mean_score": auroc(s.mean(0), is_noisy),
+                 "auroc_single_mean": float(np.mean(single)),
+                 "auroc_single_std": float(np.std(single)), "runs": int(s.shape[0])})
+  return sorted(rows, key=lambda r: -r["auroc_mean_score"])

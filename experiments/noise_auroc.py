@@ -1,0 +1,47 @@
+"""AUROC of every score for finding the flipped labels of a label-noise run.
+
+  python experiments/train.py --config=experiments/configs/default.py --workdir=/tmp/noisy \
+      --config.data.label_noise=0.1
+  python experiments/noise_auroc.py --workdir=/tmp/noisy
+
+Prints a markdown table and writes <workdir>/noise_auroc.{md,json}.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff import scores  # pylint: disable=g-import-not-at-top
+from jaxdiff import store
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with noise_mask.npy.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  path = os.path.join(_WORKDIR.value, "noise_mask.npy")
+  if not os.path.exists(path):
+    raise app.UsageError(f"{path} does not exist: train with --config.data.label_noise > 0")
+  s = store.load_scores(os.path.join(_WORKDIR.value, "scores"))
+  noisy = np.load(path)
+  rows = scores.auroc_table({k: s.get(k) for k in s.scores if k != "mb_presentations"}, noisy)
+  lines = [f"Label noise {noisy.mean():.0%} ({int(noisy.sum())} of {noisy.size}), "
+           f"{s.meta.get('arch')}, R={rows[0]['runs'] if rows else 0}, "
+           f"{s.meta.get('num_epochs')} epochs.", "",
+           "| score | AUROC (run-averaged score) | AUROC single run (mean +- std) |",
+           "|---|---|---|"]
+  lines += [f"| {r['score']} | {r['auroc_mean_score']:.3f} | {r['auroc_single_mean']:.3f} +- "
+            f"{r['auroc_single_std']:.3f} |" for r in rows]
+  text = "\n".join(lines) + "\n"
+  print(text)
+  store.atomic_write_text(os.path.join(_WORKDIR.value, "noise_auroc.md"), text)
+  store.atomic_write_json(os.path.join(_WORKDIR.value, "noise_auroc.json"), rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
