@@ -1,6 +1,6 @@
 """Agreement between difficulty scores and between runs: correlations, PCA, top-k overlap.
 
-Is there a single notion of difficulty (Kwok et al. 2024, arXiv 2401.01867, Sec. 4), and do two
+Is there a single notion of difficulty (Kwok et al. 2024, arXiv 2401.01867), and do two
 scores or two runs select the same examples when a user prunes a fraction of the dataset?
 """
 
@@ -59,8 +59,8 @@ class Spectrum:
 
 
 def pca_spectrum(corr: np.ndarray, names: Sequence[str] | None = None) -> Spectrum:
-  """PCA across scores from their correlation matrix `[K, K]` (PCA of z-scored variables; Jolliffe
-  2002, Sec. 2.3).
+  """PCA across scores from their correlation matrix `[K, K]` (PCA of z-scored variables,
+  Jolliffe 2002, "Principal Component Analysis").
 
   The share of the first component, lambda_1 / K, measures how far one notion of difficulty explains
   all scores (1 / K if they are unrelated, 1 if they are identical up to scale and sign). Scores

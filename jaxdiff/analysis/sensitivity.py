@@ -91,7 +91,7 @@ def _effect(na, ma, va, nb, mb, vb, corrected):
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Cohen's d per example: (mean_a - mean_b) / s_pooled, with s_pooled^2 = ((n_a-1) s_a^2 +
-  (n_b-1) s_b^2) / (n_a + n_b - 2) (Cohen 1988, eq. 2.5.2). a: `[R_a, N]`, b: `[R_b, N]`; returns
+  (n_b-1) s_b^2) / (n_a + n_b - 2) (Cohen 1988). a: `[R_a, N]`, b: `[R_b, N]`; returns
   `[N]`."""
   a, b = _pair(a, b)
   return _effect(*run_moments(a), *run_moments(b), corrected=False)
