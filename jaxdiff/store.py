@@ -42,9 +42,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+      # fsync/write errors (ENOSPC, EIO) name no file; OSError(errno, ...) keeps the subclass.
+      raise OSError(e.errno, e.strerror, path) from e
     raise
 
 
@@ -216,7 +219,11 @@ def check_compatible(sets: Mapping[str, ScoreSet]) -> None:
     if s.meta.get("dataset") != ref.meta.get("dataset"):
       raise StoreError(f"{name!r} is on dataset {s.meta.get('dataset')!r} but {name0!r} is on "
                        f"{ref.meta.get('dataset')!r}; scores can only be compared on one dataset")
-    if s.example_ids.shape != ref.example_ids.shape or not np.array_equal(s.example_ids,
-                                                                          ref.example_ids):
+    if s.example_ids.shape != ref.example_ids.shape:
       raise StoreError(f"{name!r} and {name0!r} have different example ids "
                        f"({s.example_ids.shape[0]} vs {ref.example_ids.shape[0]} examples)")
+    if not np.array_equal(s.example_ids, ref.example_ids):
+      i = int(np.argmax(s.example_ids != ref.example_ids))
+      raise StoreError(f"{name!r} and {name0!r} have different example ids (first at position "
+                       f"{i}: id {s.example_ids[i]} vs {ref.example_ids[i]}); scores can only be "
+                       "compared example by example on the same examples")
