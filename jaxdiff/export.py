@@ -312,7 +312,8 @@ def tidy_table(w: heldout.WorkdirArrays | str, *, include_diverged: bool = False
   def add(name, values, run_ids):
     values = np.asarray(values, np.float32).reshape(len(run_ids), n)
     parts.append(pd.DataFrame({
-        "example_id": np.tile(ids, len(run_ids)), "run": np.repeat(np.asarray(run_ids, np.int64), n),
+        "example_id": np.tile(ids, len(run_ids)),
+        "run": np.repeat(np.asarray(run_ids, np.int64), n),
         "score": name, "value": values.ravel()}))
 
   for name in sorted(s.scores):

@@ -4,11 +4,11 @@ Members trained on their own random subsets (config `subset_fraction` < 1) make 
 hold-out estimator: an example's held-out members are the ones whose subset left it out.
 
 Inputs are per-member arrays over every training example (`[R, N]` values, `[R, N, C]`
-probabilities) and the subset mask `[R, N]` (True where member r trained on example n), as written to
-a workdir (`subset_mask.npy`, `logits.npy`; `read_workdir` loads them). Every estimator averages over
-examples' member sets with masked sums (vectorised over examples); a member enters an example's
-held-out estimate only where its mask is False, so values of members that trained on the example
-(even NaN or inf) never reach it. Diverged members are excluded everywhere.
+probabilities) and the subset mask `[R, N]` (True where member r trained on example n), as
+written to a workdir (`subset_mask.npy`, `logits.npy`; `read_workdir` loads them). Every
+estimator averages over each example's members with masked sums (vectorised over examples); a
+member enters an example's held-out estimate only where its mask is False, so values of members
+that trained on the example (even NaN or inf) never reach it. Diverged members are excluded.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ def memorisation(correct: Any, mask: Any, fractions: Any = None, valid: Any = No
   """Memorisation estimate per subset fraction.
 
   Feldman & Zhang 2020, "What Neural Networks Memorize and Why: Discovering the Long Tail via
-  Influence Estimation": mem(A, S, i) = P_{h ~ A(S)}[h(x_i) = y_i] - P_{h ~ A(S \\ i)}[h(x_i) = y_i],
+  Influence Estimation":
+  mem(A, S, i) = P_{h ~ A(S)}[h(x_i) = y_i] - P_{h ~ A(S \\ i)}[h(x_i) = y_i],
   estimated from models trained on random subsets as (accuracy on example i of the members that
   trained on it) - (accuracy of the members that did not), here within each subset fraction.
 
@@ -239,7 +240,8 @@ def oos_probs(probs: Any, mask: Any, valid: Any = None, *, min_holdout: int = 1
   """Out-of-sample predicted probabilities: each example's mean prediction over held-out members.
 
   p_oos[n] = mean over {r : valid[r], not mask[r, n]} of p_r[n], the cross-validated `pred_probs`
-  that cleanlab's `find_label_issues` expects (Northcutt, Jiang & Chuang 2021, "Confident Learning"),
+  that cleanlab's `find_label_issues` expects (Northcutt, Jiang & Chuang 2021, "Confident
+  Learning"),
   with random subsets in place of K folds.
 
   Args:

@@ -50,7 +50,8 @@ def _make_workdir(path, subsets=True, history=True):
   loss[DIVERGED] = np.nan
   diverged = [r == DIVERGED for r in range(R)]
   store.save_scores(os.path.join(path, "scores"),
-                    {"loss": loss, "aum": -aum, "correct": -(hist[-1].argmax(-1) == labels).astype(float)},
+                    {"loss": loss, "aum": -aum,
+                     "correct": -(hist[-1].argmax(-1) == labels).astype(float)},
                     example_ids=np.arange(N) + 100, labels=labels,
                     meta={"negated": ["aum", "correct"], "diverged": diverged, "num_epochs": E,
                           "subset_fractions": [0.5 if subsets else 1.0] * R})

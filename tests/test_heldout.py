@@ -1,4 +1,4 @@
-"""Tests for jaxdiff.heldout: C-scores, memorisation, out-of-sample probabilities, the report script.
+"""Tests for jaxdiff.heldout: C-scores, memorisation, out-of-sample probabilities, report script.
 
 Pure functions against Python-loop references and planted masks; one small real training run
 (members on half the data) with known answers: random labels give C-score near chance and high
