@@ -1,9 +1,16 @@
-"""GraNd (vmap and ghost methods) and input gradients, against per-example `jax.grad` loops."""
+"""GraNd (vmap and ghost methods) and input gradients, against per-example `jax.grad` loops.
 
+The ghost method is checked on dense, 1-D/2-D conv (stride 2, SAME), ResNet (batch norm, convs
+without bias) and layer/group/RMS-norm models, and its fallback on layers it does not cover.
+"""
+
+import flax.linen as nn
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
 
+from jaxdiff import models
 from jaxdiff.scores import grand, input_grad
 from test_scores_models import CNN, MLP, cnn_apply, member, mlp_apply, stacked_init
 
@@ -22,7 +29,7 @@ def reference_grand(apply, v, x, y):
     return -jax.nn.log_softmax(logits[0])[y1]
 
   g = jax.jit(jax.grad(loss))
-  out = np.zeros((v["params"]["Dense_0"]["bias"].shape[0], len(x)))
+  out = np.zeros((jax.tree_util.tree_leaves(v)[0].shape[0], len(x)))
   for r in range(out.shape[0]):
     m = member(v, r)
     for i in range(len(x)):
@@ -52,20 +59,115 @@ def test_grand_ghost_matches_reference(case):
   apply, v, x, y, ref = case
   got = grand.grand_scores(apply, v, x, y, chunk_size=8, method="ghost", batch_size=4)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
+  if apply is mlp_apply:
+    return
+  # One member at a time (unbatched kernel) and per-layer work in batches of a few examples.
+  one = jax.tree_util.tree_map(lambda a: a[1:2], v)
+  got1 = grand.grand_scores(apply, one, x, y, chunk_size=8, method="ghost", max_grad_bytes=4096)
+  np.testing.assert_allclose(got1, ref[1:2], rtol=1e-5)
 
 
-def test_dense_plan_covers_dense_layers_only():
+class Norms(nn.Module):
+  """Layer norm, group norm, RMS norm, a dilated conv with explicit padding, a Dense on `[B, T, d]`
+  and a circular conv (not covered: it pads inside the layer) that falls back to per-example
+  gradients."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Conv(4, (3,), padding="CIRCULAR")(x[..., None])
+    h = nn.LayerNorm()(h)
+    h = nn.relu(nn.Conv(6, (3,), strides=2, kernel_dilation=2, padding=[(1, 2)])(h))
+    h = nn.RMSNorm()(nn.GroupNorm(num_groups=2)(h))
+    h = nn.Dense(4)(h)  # a Dense at 5 positions
+    h = h.reshape(h.shape[0], -1)
+    return nn.Dense(3)(h), {"layers": [h], "pre_logits": h}
+
+
+# name -> (model, input shape [N, ...]): the real jaxdiff models in tiny sizes.
+CONV_MODELS = {
+    "cnn1d": (models.CNN(3, width=4, depth=2, kernel_size=3), (N, 12)),  # stride 2, SAME
+    "cnn2d": (models.CNN(3, width=3, depth=2, kernel_size=3), (N, 7, 7, 2)),  # stride 2, SAME
+    "resnet": (models.ResNet(3, depth=8, width=2), (N, 6, 6, 1)),  # batch norm, convs w/o bias
+    "norms": (Norms(), (N, 10)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONV_MODELS))
+def conv_case(request):
+  model, shape = CONV_MODELS[request.param]
+  apply = lambda v, xx: model.apply(v, xx, train=False)
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=shape).astype(np.float32)
+  y = rng.integers(0, 3, N)
+  v = stacked_init(model, 2, x, seed=6)
+  return request.param, apply, v, x, y, reference_grand(apply, v, x, y)
+
+
+def test_grand_ghost_matches_reference_on_conv_and_norm_models(conv_case):
+  name, apply, v, x, y, ref = conv_case
+  got = grand.grand_scores(apply, v, x, y, chunk_size=8, method="ghost")
+  np.testing.assert_allclose(got, ref, rtol=2e-5)
+  plan = grand.layer_plan(apply, member(v, 0), x)
+  covered = {l.path + (leaf,) for l in plan for leaf in l.leaves}
+  missing = set(traverse_util.flatten_dict(member(v, 0)["params"])) - covered
+  # Everything is covered except the circular conv, which falls back to per-example gradients.
+  assert missing == ({("Conv_0", "bias"), ("Conv_0", "kernel")} if name == "norms" else set())
+  if name == "resnet":  # both ways of taking a conv kernel's norm are exercised
+    assert {l.ghost for l in plan if l.kind == "conv"} == {True, False}
+
+
+def test_layer_plan_covers_dense_conv_and_norm_layers():
   x, _ = data()
-  assert grand.dense_plan(mlp_apply, member(stacked_init(MLP, 2, x), 0), x) == (
-      (("Dense_0",), True), (("Dense_1",), True), (("Dense_2",), True))
-  # Convolutions and batch norm fall back to per-example gradients.
-  assert grand.dense_plan(cnn_apply, member(stacked_init(CNN, 2, x), 0), x) == (
-      (("Dense_0",), True), (("Dense_1",), True))
+  assert grand.layer_plan(mlp_apply, member(stacked_init(MLP, 2, x), 0), x) == (
+      grand.Layer(("Dense_0",), "dense", ("bias", "kernel"), (16,), 1, True),
+      grand.Layer(("Dense_1",), "dense", ("bias", "kernel"), (12,), 1, True),
+      grand.Layer(("Dense_2",), "dense", ("bias", "kernel"), (3,), 1, True))
+  plan = grand.layer_plan(cnn_apply, member(stacked_init(CNN, 2, x), 0), x)
+  assert [(l.path[0], l.kind, l.leaves) for l in plan] == [
+      ("BatchNorm_0", "norm", ("bias", "scale")), ("BatchNorm_1", "norm", ("bias", "scale")),
+      ("Conv_0", "conv", ("bias", "kernel")), ("Conv_1", "conv", ("bias", "kernel")),
+      ("Dense_0", "dense", ("bias", "kernel")), ("Dense_1", "dense", ("bias", "kernel"))]
+
+  class TrainModeNorm(nn.Module):  # batch statistics mix the examples: not covered
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.BatchNorm(use_running_average=False)(nn.Dense(4)(x))
+      return nn.Dense(3)(h), {"layers": [h], "pre_logits": h}
+
+  model = TrainModeNorm()
+  apply = lambda v, xx: model.apply(v, xx, mutable=["batch_stats"])[0]
+  assert [l.path for l in grand.layer_plan(apply, member(stacked_init(model, 1, x), 0), x)] == [
+      ("Dense_0",), ("Dense_1",)]
+
+
+def test_conv_patches_reproduce_the_convolution():
+  # P @ kernel.reshape(K, C) + bias is the layer's output, for every covered conv layer (here
+  # stride 2, kernel dilation 2 and explicit asymmetric padding).
+  model, shape = CONV_MODELS["norms"]
+  x = np.random.default_rng(7).normal(size=shape).astype(np.float32)
+  v = member(stacked_init(model, 1, x), 0)
+  apply = lambda vv, xx: model.apply(vv, xx, train=False)
+  plan = [l for l in grand.layer_plan(apply, v, x) if l.kind == "conv"]
+  assert plan
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    seen[tuple(context.module.path)] = (args[0], out)
+    return out
+
+  with nn.intercept_methods(record):
+    apply(v, x)
+  for layer in plan:
+    a, out = seen[layer.path]
+    params = v["params"][layer.path[0]]
+    p = jax.vmap(lambda a1: grand._patches(layer, a1))(a)  # pylint: disable=protected-access
+    want = np.asarray(out).reshape(N, layer.positions, -1)
+    kernel = params["kernel"].reshape(-1, params["kernel"].shape[-1])
+    np.testing.assert_allclose(p @ kernel + params.get("bias", 0.0), want, rtol=1e-5, atol=1e-5)
 
 
 def test_ghost_falls_back_for_a_dense_called_twice():
-  import flax.linen as nn
-
   class Shared(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
@@ -77,7 +179,7 @@ def test_ghost_falls_back_for_a_dense_called_twice():
   apply = lambda v, xx: model.apply(v, xx)
   x, y = data(1)
   v = stacked_init(model, 2, x)
-  assert grand.dense_plan(apply, member(v, 0), x) == ((("Dense_1",), True),)
+  assert [l.path for l in grand.layer_plan(apply, member(v, 0), x)] == [("Dense_1",)]
   np.testing.assert_allclose(grand.grand_scores(apply, v, x, y, method="ghost"),
                              reference_grand(apply, v, x, y), rtol=1e-5)
 

@@ -77,6 +77,49 @@ def test_prediction_depth_matches_brute_force():
   np.testing.assert_array_equal(got_q, brute_depth(layers, labels, query, final[:, :10], k, False))
 
 
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_predict_breaks_distance_ties_by_index(exclude_self):
+  # Points on a small integer grid: many exactly equal distances (exact in float32), so the
+  # neighbours depend on the tie rule (lower training index first, as a stable sort).
+  rng = np.random.default_rng(8)
+  train = rng.integers(0, 3, size=(2, 50, 2)).astype(np.float32)
+  labels = rng.integers(0, 3, 50)
+  query = train if exclude_self else rng.integers(0, 3, size=(2, 20, 2)).astype(np.float32)
+  got = rep.knn_predict(train, labels, query, k=6, exclude_self=exclude_self, chunk_size=7)
+  for j in range(2):
+    np.testing.assert_array_equal(got[j], brute_knn(train[j], labels, query[j], 6, exclude_self, 3))
+
+
+def test_prediction_depth_reuses_shared_and_repeated_layers(monkeypatch):
+  # The input layer is the same for every member and the last layer repeats the one before it
+  # (a flatten after the last conv); depths equal the brute force, with fewer probes computed.
+  rng = np.random.default_rng(9)
+  r, n, k = 3, 36, 4
+  labels = rng.integers(0, 3, n)
+  centres = rng.normal(size=(3, 5)) * 3
+  x = (centres[labels] * 0.2 + rng.normal(size=(n, 5))).astype(np.float32)
+  hidden = [(centres[labels] * s + rng.normal(size=(r, n, 5))).astype(np.float32)
+            for s in (0.5, 1.0)]
+  layers = [np.broadcast_to(x, (r, n, 5)), *hidden, hidden[-1].reshape(r, n, 5, 1).copy()]
+  final = np.where(rng.uniform(size=(r, n)) < 0.85, labels, rng.integers(0, 3, (r, n)))
+  probed = []
+  call = rep._Probe.__call__  # pylint: disable=protected-access
+
+  def counting(self, train, query, rows=None):
+    probed.append(query.shape[0] if rows is None else len(rows))
+    return call(self, train, query, rows)
+
+  monkeypatch.setattr(rep._Probe, "__call__", counting)  # pylint: disable=protected-access
+  got = rep.prediction_depth(layers, labels, None, final, k=k, chunk_size=8)
+  flat = [l.reshape(r, n, -1) for l in layers]
+  ref = brute_depth(flat, labels, flat, final, k, exclude_self=True)
+  np.testing.assert_array_equal(got, ref)
+  assert len(np.unique(ref)) >= 3
+  # Probes: the top layer for every query; no recomputation of the repeated layer; the input
+  # once for all members, only where every later probe agreed.
+  assert len(probed) == 2 * r + 1 and sum(probed) < 3 * r * n
+
+
 def test_prediction_depth_hand_worked():
   # One member, 1-D features, k=1; probes per layer for the single query are set by its nearest
   # training point. Final prediction 1. Layer 0 -> 1, layer 1 -> 0, layer 2 -> 1, layer 3 -> 1:
@@ -115,13 +158,14 @@ def numpy_lloyd(x, c, iters):
   return c
 
 
-def test_lloyd_matches_numpy():
+@pytest.mark.parametrize("iters", [3, 200])  # 200: stops early at the fixed point
+def test_lloyd_matches_numpy(iters):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(80, 3))
   init = x[rng.choice(80, 6, replace=False)] + 0.05
   init[5] = 100.0  # a far centroid: its cluster stays empty and keeps its position
-  got = jax.jit(rep.lloyd, static_argnums=2)(x.astype(np.float32), init.astype(np.float32), 10)
-  np.testing.assert_allclose(got, numpy_lloyd(x, init, 10), rtol=1e-4, atol=1e-5)
+  got = jax.jit(rep.lloyd, static_argnums=2)(x.astype(np.float32), init.astype(np.float32), iters)
+  np.testing.assert_allclose(got, numpy_lloyd(x, init, iters), rtol=1e-4, atol=1e-5)
 
 
 def test_kmeans_recovers_separated_blobs():

@@ -1,7 +1,8 @@
 """Representation scores at a checkpoint: prediction depth (k-NN probes) and prototype distances.
 
-Features come from the models' `out["layers"]` / `out["pre_logits"]`; distances are computed in
-jitted query chunks (vmapped over members) so that 50,000 training examples fit in memory.
+Features come from the models' `out["layers"]` / `out["pre_logits"]`; k-NN distances are computed
+member by member in jitted query chunks (one matmul each) so that 50,000 training examples fit in
+memory.
 """
 
 from __future__ import annotations
@@ -58,19 +59,71 @@ def features(apply_fn: point.ApplyFn, variables: Any, x: Any, chunk_size: int = 
   return (layers, logits) if return_logits else layers
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def _knn_chunk(train, train_sq, train_labels, query, query_ids, k, num_classes):
-  n = train.shape[1]
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _knn_chunk(train, train_sq, labels, query, query_ids, k, num_classes, exclude_self):
+  """k-NN predictions `[Q]` of one member for one query chunk `[Q, F]`."""
+  d = (jnp.sum(query * query, -1)[:, None] - 2.0 * jnp.dot(query, train.T, precision=_HIGHEST)
+       + train_sq[None, :])
+  d = jnp.maximum(d, 0.0)  # rounding can make a (near-)duplicate's distance negative or -0.0
+  # top_k orders by (distance, index), as a stable sort. A query that is training example `id`
+  # (query_ids >= 0) is dropped from its own neighbours after the fact: its k nearest others are
+  # among the k + 1 nearest overall, which saves masking the whole distance block.
+  _, nbrs = jax.lax.top_k(-d, k + 1 if exclude_self else k)
+  keep = nbrs != query_ids[:, None]
+  keep = keep & (jnp.cumsum(keep, axis=1) <= k)
+  votes = jnp.sum(jnp.where(keep[..., None],
+                            jax.nn.one_hot(labels[nbrs], num_classes, dtype=jnp.int32), 0), axis=1)
+  return jnp.argmax(votes, axis=-1).astype(jnp.int32)  # ties -> lowest class index
 
-  def member(t, tsq, q):
-    d = (jnp.sum(q * q, -1)[:, None] - 2.0 * jnp.dot(q, t.T, precision=_HIGHEST) + tsq[None, :])
-    # query_ids >= 0 marks a query that is training example `id`: drop it from its own neighbours.
-    d = jnp.where(query_ids[:, None] == jnp.arange(n)[None, :], jnp.inf, d)
-    _, nbrs = jax.lax.top_k(-d, k)  # [Q, k]
-    votes = jnp.sum(jax.nn.one_hot(train_labels[nbrs], num_classes, dtype=jnp.int32), axis=1)
-    return jnp.argmax(votes, axis=-1)  # ties -> lowest class index
 
-  return jax.vmap(member)(train, train_sq, query)
+_sq_rows = jax.jit(lambda a: jnp.sum(a * a, axis=-1))
+
+
+class _Probe:
+  """k-NN probe of one support set (labels, k, self-exclusion) over fixed-size query chunks."""
+
+  def __init__(self, labels: np.ndarray, num_classes: int, k: int, exclude_self: bool,
+               chunk_size: int, m: int):
+    self.labels = jnp.asarray(labels, jnp.int32)
+    self.static = (int(k), int(num_classes), bool(exclude_self))
+    self.chunk = min(point.check_chunk_size(chunk_size), m)
+    self.exclude_self = exclude_self
+
+  def __call__(self, train: np.ndarray, query: np.ndarray, rows: np.ndarray | None = None
+               ) -> np.ndarray:
+    """One member: `train [N, F]`, `query [M, F]` -> int32 predictions for the queries `rows`
+    (default: all M), in that order."""
+    rows = np.arange(query.shape[0]) if rows is None else np.asarray(rows)
+    if not rows.size:
+      return np.empty(0, np.int32)
+    train_j = jnp.asarray(train, jnp.float32)  # on the device once for every chunk
+    train_sq = _sq_rows(train_j)
+    c = self.chunk
+    preds = []  # device arrays: chunks are dispatched without waiting for each other
+    for start in range(0, rows.size, c):
+      sel = rows[start:start + c]
+      q = np.asarray(query[sel], np.float32)
+      ids = sel.astype(np.int32) if self.exclude_self else np.full(sel.size, -1, np.int32)
+      if sel.size < c:  # pad so that every call has one shape
+        q = np.concatenate([q, np.zeros((c - sel.size, q.shape[1]), np.float32)])
+        ids = np.concatenate([ids, np.full(c - sel.size, -1, np.int32)])
+      preds.append(_knn_chunk(train_j, train_sq, self.labels, q, ids, *self.static))
+    return np.concatenate(jax.device_get(preds))[:rows.size]
+
+
+def _check_knn(train_shape, query_shape, labels, k, exclude_self):
+  if len(train_shape) != 3 or len(query_shape) != 3 or train_shape[0] != query_shape[0] or \
+     train_shape[2] != query_shape[2]:
+    raise ValueError(f"need train features [R, N, F] and query features [R, M, F]; got "
+                     f"{tuple(train_shape)} and {tuple(query_shape)}")
+  n, m = train_shape[1], query_shape[1]
+  if labels.shape != (n,):
+    raise ValueError(f"train_labels have shape {labels.shape}, expected ({n},)")
+  if exclude_self and m != n:
+    raise ValueError(f"exclude_self needs the queries to be the {n} training examples; got {m}")
+  max_k = n - 1 if exclude_self else n
+  if not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
+    raise ValueError(f"k must be an int in [1, {max_k}], got {k!r}")
 
 
 def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: int = 30,
@@ -78,8 +131,11 @@ def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: 
                 chunk_size: int = 256) -> np.ndarray:
   """k-nearest-neighbour (Euclidean, majority vote) predictions, per member.
 
-  Vote ties go to the lowest class index. Memory per call is about `R * chunk_size * N * 4` bytes
-  (the distance block) on the device.
+  The k neighbours are the k smallest squared distances ||q||^2 - 2 q.t + ||t||^2 (one matmul per
+  query chunk), equal distances going to the lower training index (a stable sort's order); vote
+  ties go to the lowest class index. One jitted call per query chunk, the member's train features
+  sent to the device once; memory is about `chunk_size * N * 4` bytes for the distance block plus
+  the member's features.
 
   Args:
     train_features: `[R, N, F]`.
@@ -89,43 +145,23 @@ def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: 
     exclude_self: the queries are the training examples themselves (M == N, same order); query i
       does not count training example i among its neighbours.
     num_classes: number of classes (default: max label + 1).
-    chunk_size: queries per jitted call.
+    chunk_size: queries per distance block.
 
   Returns:
     int32 `[R, M]`.
   """
-  train = jnp.asarray(train_features, jnp.float32)
+  train = np.asarray(train_features, np.float32)
   query = np.asarray(query_features, np.float32)
   labels = np.asarray(train_labels)
-  if train.ndim != 3 or query.ndim != 3 or train.shape[0] != query.shape[0] or \
-     train.shape[2] != query.shape[2]:
-    raise ValueError(f"need train features [R, N, F] and query features [R, M, F]; got "
-                     f"{train.shape} and {query.shape}")
-  r, n, _ = train.shape
-  m = query.shape[1]
-  if labels.shape != (n,):
-    raise ValueError(f"train_labels have shape {labels.shape}, expected ({n},)")
-  if exclude_self and m != n:
-    raise ValueError(f"exclude_self needs the queries to be the {n} training examples; got {m}")
-  max_k = n - 1 if exclude_self else n
-  if not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
-    raise ValueError(f"k must be an int in [1, {max_k}], got {k!r}")
+  _check_knn(train.shape, query.shape, labels, k, exclude_self)
   num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-  chunk = min(point.check_chunk_size(chunk_size), m)
-  train_sq = jnp.sum(train * train, axis=-1)
-  labels_j = jnp.asarray(labels, jnp.int32)
-  out = np.empty((r, m), np.int32)
-  for start in range(0, m, chunk):
-    stop = min(start + chunk, m)
-    q = query[:, start:stop]
-    ids = np.arange(start, stop) if exclude_self else np.full(stop - start, -1)
-    if stop - start < chunk:  # pad so that every call has one shape
-      q = np.concatenate([q, np.zeros((r, chunk - (stop - start), q.shape[2]), q.dtype)], axis=1)
-      ids = np.concatenate([ids, np.full(chunk - (stop - start), -1)])
-    pred = _knn_chunk(train, train_sq, labels_j, q, jnp.asarray(ids, jnp.int32), int(k),
-                      num_classes)
-    out[:, start:stop] = np.asarray(pred)[:, :stop - start]
-  return out
+  probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, query.shape[1])
+  return np.stack([probe(train[r], query[r]) for r in range(train.shape[0])])
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+  """Exact equality of two feature arrays, checking one row first (cheap when they differ)."""
+  return a.shape == b.shape and np.array_equal(a[:1], b[:1]) and np.array_equal(a, b)
 
 
 def prediction_depth(train_features: Sequence[Any], train_labels: Any,
@@ -141,6 +177,11 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
   i is layer i and depth 0 means "decided in the input", as in the paper. If the last probe
   already disagrees with the final prediction, no layer qualifies and the depth is L.
 
+  Work: the layers are probed from the last to the first, each only for the queries whose probes
+  agreed at every later layer (the depth of the others is already fixed), and a probe whose train
+  and query features equal those of member 0 of the same layer (the input layer) or of the same
+  member one layer up (a flatten after the last conv) is reused, not recomputed.
+
   Args:
     train_features: list of L arrays `[R, N, ...]` (flattened per example if not already).
     train_labels: int `[N]`.
@@ -149,7 +190,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     k: neighbours per probe.
     exclude_self: leave each query out of its own neighbours (the queries must be the training
       examples in order). Default: True when `query_features` is None or is `train_features`.
-    chunk_size: queries per jitted distance block.
+    chunk_size: queries per distance block.
 
   Returns:
     float32 `[R, M]` in [0, L].
@@ -164,18 +205,37 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
   final_pred = np.asarray(final_pred)
   labels = np.asarray(train_labels)
   num_classes = int(max(labels.max(), final_pred.max())) + 1
-  flat = lambda a: np.reshape(a, np.shape(a)[:2] + (-1,))
-  agree = []
-  for tf, qf in zip(train_features, query_features):
-    probe = knn_predict(flat(tf), labels, flat(qf), k=k, exclude_self=exclude_self,
-                        num_classes=num_classes, chunk_size=chunk_size)
-    if probe.shape != final_pred.shape:
-      raise ValueError(f"final_pred has shape {final_pred.shape}, expected [R, M] = {probe.shape}")
-    agree.append(probe == final_pred)
-  agree = np.stack(agree)  # [L, R, M]
-  # suffix[l] = all probes l..L-1 agree; the depth is L minus the length of that agreeing suffix.
-  suffix = np.flip(np.logical_and.accumulate(np.flip(agree, 0), axis=0), 0)
-  return (len(agree) - suffix.sum(0)).astype(np.float32)
+  flat = lambda a: np.reshape(np.asarray(a, np.float32), np.shape(a)[:2] + (-1,))
+  num_layers = len(train_features)
+  probe = None
+  suffix = None  # [R, M] length of the agreeing suffix of probes so far
+  above = None   # (train, query, preds [R, M]) of the layer above, for reuse
+  for layer in reversed(range(num_layers)):
+    tf, qf = flat(train_features[layer]), flat(query_features[layer])
+    _check_knn(tf.shape, qf.shape, labels, k, exclude_self)
+    if tf.shape[0] != final_pred.shape[0] or qf.shape[1:2] != final_pred.shape[1:]:
+      raise ValueError(f"final_pred has shape {final_pred.shape}, expected [R, M] = "
+                       f"{qf.shape[:2]}")
+    if probe is None:
+      probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, qf.shape[1])
+      suffix = np.zeros(final_pred.shape, np.int64)
+    active = suffix == num_layers - 1 - layer  # every probe below the top agreed so far
+    preds = np.full(qf.shape[:2], -1, np.int32)
+    # Members whose features are member 0's share one probe over the union of their queries.
+    like0 = [r for r in range(tf.shape[0]) if r == 0 or (_same(tf[r], tf[0])
+                                                         and _same(qf[r], qf[0]))]
+    union = np.flatnonzero(active[like0].any(0))
+    for r in range(tf.shape[0]):
+      rows = union if r in like0 else np.flatnonzero(active[r])
+      if r in like0 and r:
+        preds[r, rows] = preds[0, rows]
+      elif above is not None and _same(tf[r], above[0][r]) and _same(qf[r], above[1][r]):
+        preds[r, rows] = above[2][r, rows]
+      else:
+        preds[r, rows] = probe(tf[r], qf[r], rows)
+    suffix += active & (preds == final_pred)
+    above = (tf, qf, preds)
+  return (num_layers - suffix).astype(np.float32)
 
 
 def prediction_depth_scores(apply_fn: point.ApplyFn, variables: Any, x: Any, y: Any, k: int = 30,
@@ -222,17 +282,28 @@ def _sq_dists(x: jax.Array, c: jax.Array) -> jax.Array:
 
 
 def lloyd(x: jax.Array, centroids: jax.Array, num_iters: int) -> jax.Array:
-  """`num_iters` Lloyd iterations from `centroids [K, D]`; an empty cluster keeps its centroid."""
+  """`num_iters` Lloyd iterations from `centroids [K, D]`; an empty cluster keeps its centroid.
+
+  Stops early at a fixed point (an iteration that leaves the centroids bitwise unchanged: every
+  later one would repeat it), so the result is that of all `num_iters` iterations.
+  """
   k = centroids.shape[0]
 
-  def body(_, c):
+  def step(c):
     assign = jnp.argmin(_sq_dists(x, c), axis=-1)
     onehot = jax.nn.one_hot(assign, k, dtype=x.dtype)  # [N, K]
     counts = onehot.sum(0)
     sums = jnp.dot(onehot.T, x, precision=_HIGHEST)
     return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
 
-  return jax.lax.fori_loop(0, num_iters, body, centroids)
+  def body(carry):
+    i, c, _ = carry
+    new = step(c)
+    return i + 1, new, jnp.any(new != c)
+
+  _, out, _ = jax.lax.while_loop(lambda carry: (carry[0] < num_iters) & carry[2], body,
+                                 (jnp.int32(0), centroids, jnp.bool_(True)))
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
