@@ -14,12 +14,15 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from jaxdiff import analysis
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
+from jaxdiff import study  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs (each with scores/ and config.json).")
@@ -58,12 +61,17 @@ def main(argv):
   del argv
   sets = analysis.load_workdirs(FLAGS.workdirs)
   logging.info("analysing %s", {k: v.num_runs for k, v in sets.items()})
+  names = FLAGS.scores
+  notes = []
+  if not names:  # all usable scores: drop bookkeeping, non-finite (*_inf) and constant ones
+    names, dropped = study.usable_scores(sets)
+    notes.append("Scores left out: " + "; ".join(f"{k} ({v})" for k, v in sorted(dropped.items())))
   result = analysis.analyze(
-      sets, scores=FLAGS.scores, primary_score=FLAGS.primary_score, num_draws=FLAGS.num_draws,
+      sets, scores=names, primary_score=FLAGS.primary_score, num_draws=FLAGS.num_draws,
       kendall_draws=FLAGS.kendall_draws, fractions=[float(f) for f in FLAGS.fractions],
       alpha=FLAGS.alpha, num_permutations=FLAGS.num_permutations, top_m=FLAGS.top_m,
       num_workers=FLAGS.num_workers, seed=FLAGS.seed)
-  inputs, notes = None, []
+  inputs = None
   if FLAGS.gallery and FLAGS.figures:
     inputs = load_inputs(FLAGS.workdirs[0])
     if inputs is None:
