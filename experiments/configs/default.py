@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_devices = 0          # shard the runs axis over this many devices (0 = all)
   c.progress = True
   c.scores = ml_collections.ConfigDict(dict(
-      chunk_size=1024, grand=True, grand_method="ghost", minibatch=True, vog="auto",
+      chunk_size=1024, grand=True, grand_method="ghost", minibatch=True,
+      vog=ml_collections.FieldReference("auto", field_type=object),  # True | False | "auto"
       representation=True, knn_k=30, num_prototypes=0, snapshot_epochs=(), save_history=False))
   return c
