@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxdiff import plots
 from jaxdiff import store
 
 SIDES = ("out", "in")
@@ -159,6 +160,17 @@ def _fraction_groups(fractions: Any, num_members: int) -> np.ndarray:
   return f
 
 
+def _holdout_groups(correct, mask, fractions, valid, purpose):
+  """Checked arrays, each member's fraction `[R]` and the fractions that hold examples out."""
+  correct, mask, valid = _check(correct, mask, valid)
+  f = _fraction_groups(fractions, mask.shape[0])
+  groups = np.unique(f[(f < 1.0) | (~mask).any(1)])
+  if groups.size == 0 or mask[valid].all():
+    raise ValueError("no valid member held out any example (every subset mask is all True): "
+                     f"train with subset_fraction < 1 to {purpose}")
+  return correct, mask, valid, f, groups
+
+
 def c_scores(correct: Any, mask: Any, fractions: Any = None, valid: Any = None, *,
              min_holdout: int = 2) -> CScores:
   """Consistency score per subset fraction, from held-out members.
@@ -186,12 +198,8 @@ def c_scores(correct: Any, mask: Any, fractions: Any = None, valid: Any = None, 
   Raises:
     ValueError when no member holds out any example (train with subset_fraction < 1).
   """
-  correct, mask, valid = _check(correct, mask, valid)
-  f = _fraction_groups(fractions, mask.shape[0])
-  groups = np.unique(f[(f < 1.0) | (~mask).any(1)])
-  if groups.size == 0 or mask[valid].all():
-    raise ValueError("no valid member held out any example (every subset mask is all True): "
-                     "train with subset_fraction < 1 to get held-out estimates")
+  correct, mask, valid, f, groups = _holdout_groups(correct, mask, fractions, valid,
+                                                     "get held-out estimates")
   est = _stack([member_mean(correct, mask, valid, side="out", members=f == g,
                             min_holdout=min_holdout) for g in groups])
   integrated = est.mean.mean(0)  # NaN if any fraction lacks an estimate
@@ -218,12 +226,8 @@ def memorisation(correct: Any, mask: Any, fractions: Any = None, valid: Any = No
   Returns:
     Memorisation with arrays `[F, N]` over the fractions < 1.
   """
-  correct, mask, valid = _check(correct, mask, valid)
-  f = _fraction_groups(fractions, mask.shape[0])
-  groups = np.unique(f[(f < 1.0) | (~mask).any(1)])
-  if groups.size == 0 or mask[valid].all():
-    raise ValueError("no valid member held out any example (every subset mask is all True): "
-                     "train with subset_fraction < 1 to estimate memorisation")
+  correct, mask, valid, f, groups = _holdout_groups(correct, mask, fractions, valid,
+                                                     "estimate memorisation")
   acc_in = _stack([member_mean(correct, mask, valid, side="in", members=f == g,
                                min_holdout=min_holdout) for g in groups])
   acc_out = _stack([member_mean(correct, mask, valid, side="out", members=f == g,
@@ -508,7 +512,6 @@ def plot_c_scores(c: CScores, path: str, noise_mask: Any = None, title: str = ""
     noise_mask: optional bool `[N]`.
     title: figure title.
   """
-  import io  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   nf = len(c.fractions)
   fig = Figure(figsize=(4.2 * nf, 3.2))
@@ -536,10 +539,7 @@ def plot_c_scores(c: CScores, path: str, noise_mask: Any = None, title: str = ""
               transform=ax.transAxes, va="top")
   if title:
     fig.suptitle(title, fontsize=9)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-  store.atomic_write_bytes(path, buf.getvalue())
-  return path
+  return plots.save_figure(fig, path)
 
 
 def save_result(result: HeldoutResult, out_dir: str, example_ids: Any = None) -> list[str]:

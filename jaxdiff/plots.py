@@ -17,7 +17,8 @@ from jaxdiff import store
 KINDS = ("signal", "image")
 
 
-def _save(fig: Figure, path: str, dpi: int = 110) -> str:
+def save_figure(fig: Figure, path: str, dpi: int = 110) -> str:
+  """Writes `fig` as a PNG atomically (temporary file, then rename); returns `path`."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
   store.atomic_write_bytes(path, buf.getvalue())
@@ -52,7 +53,7 @@ def reliability_plot(ns: Sequence[int], curves: Mapping[str, tuple], path: str, 
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def heatmap(matrix: np.ndarray, names: Sequence[str], path: str, *, title: str = "",
@@ -73,7 +74,7 @@ def heatmap(matrix: np.ndarray, names: Sequence[str], path: str, *, title: str =
           ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6)
   fig.colorbar(im, ax=ax, shrink=0.8)
   ax.set_title(title)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def scree_plot(shares: Mapping[str, np.ndarray], path: str, *, title: str = "") -> str:
@@ -89,7 +90,7 @@ def scree_plot(shares: Mapping[str, np.ndarray], path: str, *, title: str = "") 
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def manhattan_plot(neg_log10_p: np.ndarray, panel_names: Sequence[str], path: str, *,
@@ -131,7 +132,7 @@ def manhattan_plot(neg_log10_p: np.ndarray, panel_names: Sequence[str], path: st
       ax.legend(fontsize=7, loc="upper right")
   axes[-1].set_xlabel("example (ordered by class label)" if labels is not None else "example")
   fig.suptitle(title)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def spread_plot(mean: np.ndarray, std: np.ndarray, path: str, *,
@@ -147,7 +148,7 @@ def spread_plot(mean: np.ndarray, std: np.ndarray, path: str, *,
   ax.set_xlabel("mean score over runs (higher = harder)")
   ax.set_ylabel("std over runs")
   ax.set_title(title)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def gallery(x: np.ndarray, kind: str, groups: Mapping[str, Sequence[int]], path: str, *,
@@ -199,4 +200,4 @@ def gallery(x: np.ndarray, kind: str, groups: Mapping[str, Sequence[int]], path:
       if c == 0:
         ax.set_ylabel(name, fontsize=8)
   fig.suptitle(title)
-  return _save(fig, path)
+  return save_figure(fig, path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ import pandas as pd
 import scipy.stats
 
 from jaxdiff import data as data_lib
+from jaxdiff import plots
 from jaxdiff import store
 
 # How the ranking is made: one run's score ("single"), the mean over all valid runs ("mean"),
@@ -335,10 +335,7 @@ def plot_pruning(summary: pd.DataFrame, path: str, *, title: str = "") -> str:
   axes[-1].legend(fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-  store.atomic_write_bytes(path, buf.getvalue())
-  return path
+  return plots.save_figure(fig, path)
 
 
 def training_config(base: ml_collections.ConfigDict, model: Mapping[str, Any], *, num_seeds: int,

@@ -123,16 +123,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise StudyError(f"pruning training config: {e}") from e
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def _check_study_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes study_config.json, or refuses a workdir whose architectures were trained otherwise.
 
@@ -150,8 +140,9 @@ def _check_study_workdir(config: ml_collections.ConfigDict, workdir: str) -> Non
     except (OSError, json.JSONDecodeError) as e:
       raise StudyError(f"{path} is unreadable ({e}); remove it or use a new workdir") from e
     common = set(old.get("archs", {})) & set(resolved["archs"])
-    a = _flat({"train": old.get("train", {}), "archs": {n: old["archs"][n] for n in common}})
-    b = _flat({"train": resolved["train"], "archs": {n: resolved["archs"][n] for n in common}})
+    flat = train.flatten_config
+    a = flat({"train": old.get("train", {}), "archs": {n: old["archs"][n] for n in common}})
+    b = flat({"train": resolved["train"], "archs": {n: resolved["archs"][n] for n in common}})
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and k.removeprefix("train.") not in train.RESUME_SAFE_FIELDS)
     if diff:

@@ -54,11 +54,12 @@ class CheckpointError(RuntimeError):
   """The workdir has checkpoints, but none of them can be read back."""
 
 
-def _flat(d: Mapping[str, Any], prefix="") -> dict:
+def flatten_config(d: Mapping[str, Any], prefix="") -> dict:
+  """Nested config dict -> {"a.b.c": value}, tuples as lists (as JSON reads them back)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten_config(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
@@ -94,7 +95,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
         old = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConfigError(f"{path} is corrupt ({e}); remove the workdir or fix the file") from e
-    a, b = _flat(old), _flat(resolved)
+    a, b = flatten_config(old), flatten_config(resolved)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
     if diff:
       details = "; ".join(f"{k}: workdir has {a.get(k)!r}, config has {b.get(k)!r}" for k in diff[:8])
