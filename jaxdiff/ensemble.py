@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import data as data_lib
+from jaxdiff import models
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -165,7 +166,10 @@ class Engine:
 
   def _resolve(self, stacked_params):
     backend = jax.default_backend()
-    conv = _has_conv(jax.tree_util.tree_map(lambda a: a[0], stacked_params))
+    # Convolutions computed as patches @ kernel (models.patch_conv) run as dots: like dense layers
+    # they vmap to batched matmuls and stay fast inside lax.scan.
+    conv = (_has_conv(jax.tree_util.tree_map(lambda a: a[0], stacked_params))
+            and models.conv_impl_of(self.model) != "patches")
     self.resolved_member_strategy, self.resolved_epoch_loop = resolve_strategy(
         self.member_strategy, self.epoch_loop, backend, conv)
     if self.mesh is not None and self.resolved_member_strategy == "loop":
@@ -358,10 +362,12 @@ def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_co
                      ) -> tuple[str, str]:
   """Chooses how members and steps run, from measurements on each backend.
 
-  On CPU, XLA lowers a vmapped convolution to a grouped convolution 3-4x slower than a loop of
-  per-member steps, and convolutions inside `lax.scan` run 25-50x slower than called step by step
-  (FIELD-NOTES, BENCHMARKS.md); dense models gain from vmap and from scanning the epoch (dispatch).
-  On GPU/TPU one small member leaves the chip idle, so members are vmapped and the epoch scanned.
+  `has_conv`: the model has XLA convolutions (not `models.patch_conv`). On CPU, XLA lowers a
+  vmapped convolution to a grouped convolution 3-4x slower than a loop of per-member steps, and
+  convolutions inside `lax.scan` run 25-50x slower than called step by step (FIELD-NOTES,
+  BENCHMARKS.md); dense models (and patch convolutions) gain from vmap and from scanning the
+  epoch (dispatch). On GPU/TPU one small member leaves the chip idle, so members are vmapped and
+  the epoch scanned.
   """
   if member_strategy == "auto":
     member_strategy = "loop" if (backend == "cpu" and has_conv) else "vmap"

@@ -96,6 +96,44 @@ def test_strategies_agree(arch, strategies):
     _assert_trees_close(results[0].batch_stats, other.batch_stats, rtol=1e-4, atol=1e-5)
 
 
+def _engine(model_cfg, **kw):
+  return ens.Engine(models.build_model(model_cfg, 10), ens.make_optimizer(dict(name="sgd"), 4, 1),
+                    **kw)
+
+
+def test_auto_strategy_follows_the_convolution_implementation():
+  """On CPU: patch convolutions (the CNN's "auto") vmap and scan like dense layers; XLA
+  convolutions loop over members step by step."""
+  keys = ens.member_keys(0, np.arange(2))[0]
+  x = np.zeros((1, 40), np.float32)
+  cases = [({"name": "mlp"}, ("vmap", "scan")), ({"name": "cnn"}, ("vmap", "scan")),
+           ({"name": "cnn", "conv_impl": "xla"}, ("loop", "python")),
+           ({"name": "resnet", "depth": 8, "width": 2}, ("loop", "python"))]
+  for cfg, want in cases:
+    eng = _engine(cfg)
+    eng.init(keys, x)
+    assert (eng.resolved_member_strategy, eng.resolved_epoch_loop) == want, cfg
+  assert ens.resolve_strategy("auto", "auto", "gpu", True) == ("vmap", "scan")
+
+
+def test_patch_conv_ensemble_trains_like_xla_conv_loop():
+  """The CNN's CPU default (patch convolutions, vmapped, scanned) and the plain way (XLA
+  convolutions, a loop over members, step by step) end an epoch at the same parameters."""
+  c = tiny_config("cnn")
+  ds = data_lib.load_dataset(c.data)
+  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  ik, dk, ak = ens.member_keys(0, np.arange(2))
+  idx = data_lib.epoch_permutations(dk, 1, ds.num_train, c.batch_size)
+  out = []
+  for impl, strategy, loop in [("patches", "auto", "auto"), ("xla", "loop", "python")]:
+    eng = ens.Engine(models.build_model(dict(c.model, conv_impl=impl), ds.num_classes),
+                     ens.make_optimizer(dict(name="sgd", lr=0.05, momentum=0.9), idx.shape[1], 1),
+                     member_strategy=strategy, epoch_loop=loop)
+    st, _ = eng.train_epoch(eng.init(ik, ds.x_train), x, y, idx, ak, 0)
+    out.append(st.params)
+  _assert_trees_close(out[0], out[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy,loop", [("vmap", "scan"), ("loop", "python")])
 def test_nan_member_does_not_affect_others(strategy, loop):
   eng, st, ds, dk, ak, bs = _setup("mlp", 3, strategy, loop)

@@ -100,3 +100,60 @@ def test_build_errors_name_the_value():
   m = models.build_model({"name": "resnet", "depth": 21}, 10)
   with pytest.raises(ValueError, match="depth=21: must be 6n"):
     m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+# (input shape, kernel spatial shape, strides, padding): 1-D and 2-D, SAME / VALID / explicit,
+# strided, 1x1 (ResNet projections), non-square kernels.
+PATCH_CASES = [((3, 40, 1), (5,), (2,), "SAME"), ((3, 17, 7), (3,), (1,), "VALID"),
+               ((2, 9, 8, 3), (3, 3), (2, 2), "SAME"), ((2, 8, 8, 4), (1, 1), (2, 2), "SAME"),
+               ((2, 7, 6, 2), (3, 2), (1, 2), ((1, 0), (2, 1)))]
+
+
+@pytest.mark.parametrize("shape,ks,strides,padding", PATCH_CASES)
+def test_patch_conv_equals_xla_convolution_and_its_gradients(shape, ks, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=ks + (shape[-1], 5)), jnp.float32)
+  sp = "HW"[:len(ks)]
+  dn = ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn,
+                                                  precision="highest")
+  new = lambda x, w: models.patch_conv(x, w, strides, padding, dimension_numbers=dn,
+                                       precision="highest")
+  np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for g_new, g_ref in zip(jax.grad(loss(new), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(g_new, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_conv_passes_other_convolutions_to_xla():
+  x = jnp.ones((2, 9, 3))
+  w = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
+  ref = jax.lax.conv_general_dilated(x, w, (1,), "SAME", rhs_dilation=(2,),
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+  got = models.patch_conv(x, w, (1,), "SAME", rhs_dilation=(2,),
+                          dimension_numbers=("NWC", "WIO", "NWC"))
+  np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("config,shape", [
+    ({"name": "cnn", "width": 4}, (3, 40)),
+    ({"name": "cnn", "width": 3, "pool": True, "head": "gap"}, (2, 8, 8, 3)),
+    ({"name": "resnet", "depth": 8, "width": 4}, (3, 12, 12, 3)),
+    ({"name": "vgg", "width_mult": 0.0625}, (2, 32, 32, 3))])
+def test_conv_impls_give_the_same_model(config, shape):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  a = models.build_model(dict(config, conv_impl="xla"), 10)
+  b = models.build_model(dict(config, conv_impl="patches"), 10)
+  v = a.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(b.init(jax.random.key(0), x))
+  np.testing.assert_allclose(b.apply(v, x)[0], a.apply(v, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_conv_impl_auto_resolution_and_errors():
+  assert models.resolve_conv_impl("auto", "CNN", "cpu") == "patches"
+  assert models.resolve_conv_impl("auto", "ResNet", "cpu") == "xla"
+  assert models.resolve_conv_impl("auto", "CNN", "gpu") == "xla"
+  assert models.resolve_conv_impl("patches", "ResNet", "gpu") == "patches"
+  with pytest.raises(ValueError, match="'im2col'"):
+    models.build_model({"name": "cnn", "conv_impl": "im2col"}, 10)

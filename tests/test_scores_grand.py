@@ -88,6 +88,9 @@ CONV_MODELS = {
     "cnn1d": (models.CNN(3, width=4, depth=2, kernel_size=3), (N, 12)),  # stride 2, SAME
     "cnn2d": (models.CNN(3, width=3, depth=2, kernel_size=3), (N, 7, 7, 2)),  # stride 2, SAME
     "resnet": (models.ResNet(3, depth=8, width=2), (N, 6, 6, 1)),  # batch norm, convs w/o bias
+    # both convolution implementations (on CPU "auto" is patches for the CNN, XLA for ResNet)
+    "cnn1d_xla": (models.CNN(3, width=4, depth=2, kernel_size=3, conv_impl="xla"), (N, 12)),
+    "resnet_patches": (models.ResNet(3, depth=8, width=2, conv_impl="patches"), (N, 6, 6, 1)),
     "norms": (Norms(), (N, 10)),
 }
 

@@ -201,7 +201,8 @@ def _conv_geometry(m: nn.Conv, in_shape: tuple) -> tuple | None:
   ks = (m.kernel_size,) if isinstance(m.kernel_size, int) else tuple(m.kernel_size)
   nd = len(ks)
   if (len(in_shape) != nd + 2 or m.feature_group_count != 1 or m.mask is not None
-      or m.conv_general_dilated is not None or m.conv_general_dilated_cls is not None):
+      or not getattr(m.conv_general_dilated, "same_as_lax_conv", m.conv_general_dilated is None)
+      or m.conv_general_dilated_cls is not None):
     return None
 
   def bcast(v):
