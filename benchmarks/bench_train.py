@@ -3,6 +3,7 @@
   python benchmarks/bench_train.py                       # MNIST-1D MLP + CNN, R in {1, 8, 32}
   python benchmarks/bench_train.py --archs=mlp,cnn,resnet,resnet_noskip,vgg --runs=1,8,32,128 \
       --shape=cifar                                      # CIFAR-shaped 32x32x3 data
+  python benchmarks/bench_train.py --cpu_devices=2       # engine sharded over 2 CPU devices
 
 Prints a table and writes benchmarks/results/train_<shape>.json. Everything is measured in one run,
 as ratios (the machine is shared and noisy): member-epochs per second of
@@ -38,6 +39,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
 _TORCH = flags.DEFINE_bool("torch", True, "Include the PyTorch loop if torch is importable.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["engine", "vmap", "loop", "torch"], "What to time.")
 _OUT = flags.DEFINE_string("out", "", "Output json (default benchmarks/results/train_<shape>.json).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "If > 1: split the CPU into this many JAX devices and shard the engine's "
+    "runs axis over them (XLA:CPU runs the batched small matmuls of one program on ~1 core).")
 
 ARCHS = {
     "mlp": {"name": "mlp", "width": 100, "depth": 2},
@@ -82,11 +86,16 @@ def time_fn(fn, repeats):
 
 
 def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
-  model = models.build_model(ARCHS[arch], 10)
+  cfg = ARCHS[arch]
+  if strategy == "loop" and cfg["name"] != "mlp":
+    cfg = dict(cfg, conv_impl="xla")  # the naive loop uses XLA's convolution, as a user would
+  model = models.build_model(cfg, 10)
   tx = ens.make_optimizer({"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
                           steps, 10)
+  mesh = None
   if strategy == "engine":
-    engine = ens.Engine(model, tx)
+    mesh = ens.make_mesh(num_runs, _CPU_DEVICES.value) if _CPU_DEVICES.value > 1 else None
+    engine = ens.Engine(model, tx, mesh=mesh)
   elif strategy == "vmap":
     engine = ens.Engine(model, tx, member_strategy="vmap")
   else:  # the naive loop: same jitted per-member step, called per member per batch
@@ -96,8 +105,9 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   if strategy == "vmap" and engine.resolved_member_strategy == "vmap":
     engine.resolved_epoch_loop = "scan" if not ens._has_conv(  # pylint: disable=protected-access
         jax.tree_util.tree_map(lambda a: a[0], state[0].params)) else "python"
-  xd, yd = jnp.asarray(x), jnp.asarray(y)
-  idx = data_lib.epoch_permutations(dk, 1, x.shape[0], BATCH)[:, :steps]
+  xd, yd = engine.replicate(jnp.asarray(x)), engine.replicate(jnp.asarray(y))
+  idx = engine.shard(data_lib.epoch_permutations(dk, 1, x.shape[0], BATCH)[:, :steps])
+  ak = engine.shard(ak)
   jax.block_until_ready(idx)
 
   def epoch():
@@ -105,8 +115,9 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
     jax.block_until_ready((state[0], out))
   seconds = time_fn(epoch, repeats)
   # FLOPs of one member step from XLA's cost analysis.
-  st1 = jax.tree_util.tree_map(lambda a: a[0], state[0])
-  lowered = jax.jit(engine.member_step).lower(st1, xd, yd, idx[0, 0], ak[0], jnp.int32(0))
+  st1 = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], state[0]))
+  lowered = jax.jit(engine.member_step).lower(st1, np.asarray(x), np.asarray(y),
+                                              np.asarray(idx[0, 0]), ak[0], jnp.int32(0))
   cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) * steps * num_runs
@@ -156,6 +167,8 @@ def bench_torch(arch, num_runs, x, y, steps, repeats):
 
 def main(argv):
   del argv
+  if _CPU_DEVICES.value > 1:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
   n = 4000 if _SHAPE.value == "mnist1d" else 50000
   x, y = dataset(_SHAPE.value, n)
   steps = _STEPS.value or n // BATCH
@@ -168,6 +181,7 @@ def main(argv):
     have_torch = False
   rows = []
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} "
+        f"(engine sharded over {max(1, _CPU_DEVICES.value)}) "
         f"matmul peak={peak / 1e9:.0f} GFLOP/s  shape={_SHAPE.value} steps={steps}/{full_steps}")
   hdr = f"{'arch':<14}{'R':>4}  {'strategy':<12}" + "".join(
       f"{s + ' ep/s':>13}" for s in _STRATEGIES.value) + f"{'eng/loop':>9}{'eng/torch':>10}{'%peak':>7}"
@@ -200,7 +214,7 @@ def main(argv):
             + f"{fmt(row.get('pct_peak'), '%.0f'):>7}", flush=True)
   out = _OUT.value or os.path.join(os.path.dirname(__file__), "results", f"train_{_SHAPE.value}.json")
   store.atomic_write_json(out, {"backend": jax.default_backend(), "matmul_peak_flops": peak,
-                                "rows": rows})
+                                "engine_devices": max(1, _CPU_DEVICES.value), "rows": rows})
   print("wrote", out)
 
 

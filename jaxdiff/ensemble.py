@@ -170,8 +170,10 @@ class Engine:
     # they vmap to batched matmuls and stay fast inside lax.scan.
     conv = (_has_conv(jax.tree_util.tree_map(lambda a: a[0], stacked_params))
             and models.conv_impl_of(self.model) != "patches")
+    member_params = sum(int(np.prod(a.shape[1:]))
+                        for a in jax.tree_util.tree_leaves(stacked_params))
     self.resolved_member_strategy, self.resolved_epoch_loop = resolve_strategy(
-        self.member_strategy, self.epoch_loop, backend, conv)
+        self.member_strategy, self.epoch_loop, backend, conv, member_params)
     if self.mesh is not None and self.resolved_member_strategy == "loop":
       self.resolved_member_strategy = "vmap"  # sharding needs one program over the runs axis
 
@@ -358,8 +360,13 @@ class Engine:
     return out[:, :n]
 
 
-def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_conv: bool
-                     ) -> tuple[str, str]:
+# Members this large (parameters) have matmuls big enough to fill the CPU on their own; batched
+# over members they ran slower (MLP width 1024: vmap 0.81-0.95x a loop, BENCHMARKS.md).
+CPU_LOOP_MIN_PARAMS = 2**18
+
+
+def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_conv: bool,
+                     member_params: int = 0) -> tuple[str, str]:
   """Chooses how members and steps run, from measurements on each backend.
 
   `has_conv`: the model has XLA convolutions (not `models.patch_conv`). On CPU, XLA lowers a
@@ -367,10 +374,12 @@ def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_co
   convolutions inside `lax.scan` run 25-50x slower than called step by step (FIELD-NOTES,
   BENCHMARKS.md); dense models (and patch convolutions) gain from vmap and from scanning the
   epoch (dispatch). On GPU/TPU one small member leaves the chip idle, so members are vmapped and
-  the epoch scanned.
+  the epoch scanned. A dense member of >= `CPU_LOOP_MIN_PARAMS` parameters fills the CPU alone:
+  members loop, each running its epoch in one scan.
   """
+  wide = backend == "cpu" and member_params >= CPU_LOOP_MIN_PARAMS
   if member_strategy == "auto":
-    member_strategy = "loop" if (backend == "cpu" and has_conv) else "vmap"
+    member_strategy = "loop" if (backend == "cpu" and has_conv) or wide else "vmap"
   if epoch_loop == "auto":
     epoch_loop = "python" if (backend == "cpu" and has_conv) else "scan"
   return member_strategy, epoch_loop

@@ -114,6 +114,12 @@ def test_auto_strategy_follows_the_convolution_implementation():
     eng.init(keys, x)
     assert (eng.resolved_member_strategy, eng.resolved_epoch_loop) == want, cfg
   assert ens.resolve_strategy("auto", "auto", "gpu", True) == ("vmap", "scan")
+  # A wide dense member fills the CPU alone: loop over members, each epoch in one scan.
+  assert ens.resolve_strategy("auto", "auto", "cpu", False, 2**20) == ("loop", "scan")
+  assert ens.resolve_strategy("auto", "auto", "gpu", False, 2**20) == ("vmap", "scan")
+  eng = _engine({"name": "mlp", "width": 1024})
+  eng.init(keys, x)
+  assert (eng.resolved_member_strategy, eng.resolved_epoch_loop) == ("loop", "scan")
 
 
 def test_patch_conv_ensemble_trains_like_xla_conv_loop():
