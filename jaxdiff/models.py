@@ -56,10 +56,10 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
         feature_group_count, precision=precision, **kwargs)
   ks, spatial = rhs.shape[:nd], lhs.shape[1:-1]
   strides = tuple(window_strides)
-  pads = (jax.lax.padtype_to_pads(spatial, ks, strides, padding) if isinstance(padding, str)
-          else [tuple(p) for p in padding])
+  pads = [tuple(p) for p in (jax.lax.padtype_to_pads(spatial, ks, strides, padding)
+                             if isinstance(padding, str) else padding)]
   out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(spatial, ks, strides, pads)]
-  xp = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+  xp = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
   b, cin = lhs.shape[0], lhs.shape[-1]
   cols = [jax.lax.slice(xp, (0, *off, 0),
                         (b, *[o + (m - 1) * s + 1 for o, m, s in zip(off, out, strides)], cin),
@@ -147,9 +147,10 @@ class CNN(nn.Module):
     h = _as_spatial(x)
     nd = h.ndim - 2
     layers = []
+    impl = conv_impl_of(self)
     for i in range(self.depth):
-      h = _conv(conv_impl_of(self), self.width, (self.kernel_size,) * nd, strides=(self.stride,) * nd,
-                  padding="SAME", kernel_init=_conv_init, name=f"conv{i}")(h)
+      h = _conv(impl, self.width, (self.kernel_size,) * nd, strides=(self.stride,) * nd,
+                padding="SAME", kernel_init=_conv_init, name=f"conv{i}")(h)
       h = nn.relu(h)
       if self.pool:
         h = nn.max_pool(h, (2,) * nd, strides=(2,) * nd, padding="SAME")
@@ -243,14 +244,15 @@ class VGG(nn.Module):
     h = _as_spatial(x)
     nd = h.ndim - 2
     layers = []
+    impl = conv_impl_of(self)
     i = 0
     for v in VGG_CFGS[self.depth]:
       if v == "M":
         h = nn.max_pool(h, (2,) * nd, strides=(2,) * nd, padding="SAME")
         layers.append(h)
         continue
-      h = _conv(conv_impl_of(self), max(1, int(v * self.width_mult)), (3,) * nd, padding="SAME",
-                  use_bias=not self.batch_norm, kernel_init=_conv_init, name=f"conv{i}")(h)
+      h = _conv(impl, max(1, int(v * self.width_mult)), (3,) * nd, padding="SAME",
+                use_bias=not self.batch_norm, kernel_init=_conv_init, name=f"conv{i}")(h)
       if self.batch_norm:
         h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(h)
       h = nn.relu(h)
