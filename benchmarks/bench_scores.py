@@ -8,7 +8,9 @@ member strategy "auto") for `--train_epochs` epochs on MNIST-1D (4,000 examples,
 one epoch as the median time of the epochs after the first (which compiles), then times on the
 trained members, the way recording.py calls them (one member at a time where the engine loops over
 members): all point scores, GraNd ("vmap" reference and "ghost"), the features and the prediction
-depth probes (k-NN, k=30, input + every layer), and prototypes. Each is reported cold (first call,
+depth probes (k-NN, k=30, input + every layer), prototypes, and the per-epoch recording of a
+training run (`recording.Recorder.on_epoch`: point scores of the training and test sets, VoG's
+input gradients, the trajectory accumulators). Each is reported cold (first call,
 compilation included, as in the final scoring of a training run) and warm (second call), and as
 warm time / one epoch. Writes benchmarks/results/scores.json. The machine is shared: compare the
 ratios within one run.
@@ -28,13 +30,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import data as data_lib  # pylint: disable=g-import-not-at-top
 from jaxdiff import ensemble as ens
 from jaxdiff import models
+from jaxdiff import recording
 from jaxdiff import scores as S
 from jaxdiff import store
 
 _ARCHS = flags.DEFINE_list("archs", ["mlp", "cnn"], "Architectures (keys of ARCHS).")
 _RUNS = flags.DEFINE_list("runs", ["8", "16"], "Ensemble sizes R.")
 _EPOCHS = flags.DEFINE_integer("train_epochs", 6, "Epochs trained before scoring (>= 2).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Examples per scoring call (recording default).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 0, "Examples per scoring call (0 = auto, the "
+                               "recording default).")
 _K = flags.DEFINE_integer("knn_k", 30, "k of the prediction-depth probes.")
 _GRAND_VMAP = flags.DEFINE_bool("grand_vmap", True, "Also time the 'vmap' GraNd reference.")
 _OUT = flags.DEFINE_string("out", "", "Output json (default benchmarks/results/scores.json).")
@@ -48,7 +52,7 @@ BATCH = 100
 
 
 def train(arch, num_runs, x, y, num_epochs):
-  """Trains the ensemble; returns (engine, state, seconds of each epoch)."""
+  """Trains the ensemble; returns (engine, state, seconds of each epoch, (idx, seen) of the last)."""
   model = models.build_model(ARCHS[arch], 10)
   steps = x.shape[0] // BATCH
   tx = ens.make_optimizer({"name": "adam", "lr": 1e-2}, steps, num_epochs)
@@ -60,11 +64,12 @@ def train(arch, num_runs, x, y, num_epochs):
   for epoch in range(num_epochs):
     idx = data_lib.epoch_permutations(data_keys, epoch, x.shape[0], BATCH)
     jax.block_until_ready(idx)
+    last = idx
     t = time.perf_counter()
     state, out = engine.train_epoch(state, xd, yd, idx, aug_keys, epoch * steps)
     jax.block_until_ready((state, out))
     times.append(time.perf_counter() - t)
-  return engine, state, times
+  return engine, state, times, (last, out)
 
 
 def cold_warm(fn):
@@ -77,11 +82,14 @@ def cold_warm(fn):
   return out, cold, time.perf_counter() - t
 
 
-def bench(arch, num_runs, x, y):
-  engine, state, epoch_times = train(arch, num_runs, x, y, _EPOCHS.value)
+def bench(arch, num_runs, ds):
+  x, y = ds.x_train, ds.y_train
+  engine, state, epoch_times, (idx, seen) = train(arch, num_runs, x, y, _EPOCHS.value)
   epoch = float(np.median(epoch_times[1:]))
   v = engine.variables(state)
-  apply_fn, chunk = engine.apply_fn, _CHUNK.value
+  recorder = recording.Recorder({"chunk_size": _CHUNK.value, "vog": True}, engine, ds, num_runs)
+  recorder._variables(state)  # pylint: disable=protected-access  (sets the auto chunk size)
+  apply_fn, chunk = engine.apply_fn, recorder.chunk
   loop = engine.resolved_member_strategy == "loop"
 
   def members(fn):  # as recording.Recorder._members
@@ -94,8 +102,11 @@ def bench(arch, num_runs, x, y):
   grand = lambda method: members(lambda vv: S.grand_scores(
       apply_fn, vv, x, y, chunk_size=chunk, method=method, **grand_kw))
   row = {"arch": arch, "runs": num_runs, "strategy": engine.resolved_member_strategy,
-         "epoch_s": epoch, "epoch_times_s": epoch_times}
+         "epoch_s": epoch, "epoch_times_s": epoch_times, "chunk_size": chunk}
   timings = {}
+  epochs = iter(range(_EPOCHS.value + 1, 10**6))
+  _, *timings["recording_epoch"] = cold_warm(lambda: recorder.on_epoch(next(epochs), state, idx,
+                                                                       seen))
   (_, logits), *timings["point"] = cold_warm(lambda: members(
       lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)))
   ghost, *timings["grand_ghost"] = cold_warm(lambda: grand("ghost"))
@@ -125,15 +136,16 @@ def main(argv):
     raise app.UsageError(f"--train_epochs={_EPOCHS.value}: need >= 2 (the first one compiles)")
   ds = data_lib.load_dataset({"name": "mnist1d"})
   x, y = ds.x_train, ds.y_train
-  names = ["point", "grand_ghost"] + (["grand_vmap"] if _GRAND_VMAP.value else []) + [
+  names = ["recording_epoch", "point", "grand_ghost"] + (["grand_vmap"] if _GRAND_VMAP.value else []) + [
       "features", "prediction_depth", "prototypes"]
   print(f"backend={jax.default_backend()} N={x.shape[0]}; seconds warm (cold) and warm / epoch")
   rows = []
   for arch in _ARCHS.value:
     for r in map(int, _RUNS.value):
-      row = bench(arch, r, x, y)
+      row = bench(arch, r, ds)
       rows.append(row)
-      print(f"{arch} R={r} ({row['strategy']}): epoch {row['epoch_s']:.3f} s, train acc "
+      print(f"{arch} R={r} ({row['strategy']}, chunks of {row['chunk_size']}): epoch "
+            f"{row['epoch_s']:.3f} s, train acc "
             f"{row['train_acc']:.2f}, depth histogram {row['depth_histogram']}")
       for n in names + ["all_scores"]:
         cold = f" ({row[f'{n}_cold_s']:7.3f})" if f"{n}_cold_s" in row else " " * 10

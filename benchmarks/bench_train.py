@@ -3,7 +3,7 @@
   python benchmarks/bench_train.py                       # MNIST-1D MLP + CNN, R in {1, 8, 32}
   python benchmarks/bench_train.py --archs=mlp,cnn,resnet,resnet_noskip,vgg --runs=1,8,32,128 \
       --shape=cifar                                      # CIFAR-shaped 32x32x3 data
-  python benchmarks/bench_train.py --cpu_devices=2       # engine sharded over 2 CPU devices
+  python benchmarks/bench_train.py --cpu_devices=1       # one CPU device (default: one per core)
 
 Prints a table and writes benchmarks/results/train_<shape>.json. Everything is measured in one run,
 as ratios (the machine is shared and noisy): member-epochs per second of
@@ -40,7 +40,8 @@ _TORCH = flags.DEFINE_bool("torch", True, "Include the PyTorch loop if torch is 
 _STRATEGIES = flags.DEFINE_list("strategies", ["engine", "vmap", "loop", "torch"], "What to time.")
 _OUT = flags.DEFINE_string("out", "", "Output json (default benchmarks/results/train_<shape>.json).")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "If > 1: split the CPU into this many JAX devices and shard the engine's "
+    "cpu_devices", 0, "Split the CPU into this many JAX devices (0 = one per core, as the "
+    "experiment scripts do; 1 = no split) and shard the engine's "
     "runs axis over them (XLA:CPU runs the batched small matmuls of one program on ~1 core).")
 
 ARCHS = {
@@ -94,7 +95,7 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
                           steps, 10)
   mesh = None
   if strategy == "engine":
-    mesh = ens.make_mesh(num_runs, _CPU_DEVICES.value) if _CPU_DEVICES.value > 1 else None
+    mesh = ens.make_mesh(num_runs)  # as train.py: all devices (members that loop stay on one)
     engine = ens.Engine(model, tx, mesh=mesh)
   elif strategy == "vmap":
     engine = ens.Engine(model, tx, member_strategy="vmap")
@@ -121,7 +122,8 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) * steps * num_runs
-  return seconds, flops, engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop
+  devices = f" x{engine.mesh.size}" if engine.mesh is not None else ""
+  return seconds, flops, engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
 
 
 def bench_torch(arch, num_runs, x, y, steps, repeats):
@@ -167,8 +169,7 @@ def bench_torch(arch, num_runs, x, y, steps, repeats):
 
 def main(argv):
   del argv
-  if _CPU_DEVICES.value > 1:
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
+  ens.split_cpu(_CPU_DEVICES.value)  # before the backend starts
   n = 4000 if _SHAPE.value == "mnist1d" else 50000
   x, y = dataset(_SHAPE.value, n)
   steps = _STEPS.value or n // BATCH
@@ -181,7 +182,7 @@ def main(argv):
     have_torch = False
   rows = []
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} "
-        f"(engine sharded over {max(1, _CPU_DEVICES.value)}) "
+        f"(engine sharded over up to {len(jax.devices())}) "
         f"matmul peak={peak / 1e9:.0f} GFLOP/s  shape={_SHAPE.value} steps={steps}/{full_steps}")
   hdr = f"{'arch':<14}{'R':>4}  {'strategy':<12}" + "".join(
       f"{s + ' ep/s':>13}" for s in _STRATEGIES.value) + f"{'eng/loop':>9}{'eng/torch':>10}{'%peak':>7}"
@@ -214,7 +215,7 @@ def main(argv):
             + f"{fmt(row.get('pct_peak'), '%.0f'):>7}", flush=True)
   out = _OUT.value or os.path.join(os.path.dirname(__file__), "results", f"train_{_SHAPE.value}.json")
   store.atomic_write_json(out, {"backend": jax.default_backend(), "matmul_peak_flops": peak,
-                                "engine_devices": max(1, _CPU_DEVICES.value), "rows": rows})
+                                "engine_devices": len(jax.devices()), "rows": rows})
   print("wrote", out)
 
 

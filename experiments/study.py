@@ -18,7 +18,8 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxdiff import study  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdiff import ensemble  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdiff import study  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study folder (resumed if it exists).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  ensemble.split_cpu(_CONFIG.value.train.get("cpu_devices", 0))  # before JAX starts: one device per core
   findings = study.run_study(_CONFIG.value, _WORKDIR.value)
   print("\n".join(findings["summary"]))
   print(f"report: {findings['report']}  (total {findings['timings']['total']:.0f} s)")

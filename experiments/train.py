@@ -12,7 +12,8 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxdiff import train  # pylint: disable=g-import-not-at-top
+from jaxdiff import ensemble  # pylint: disable=g-import-not-at-top
+from jaxdiff import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -23,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  ensemble.split_cpu(_CONFIG.value.get("cpu_devices", 0))  # before JAX starts: one device per core
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -21,7 +21,7 @@ from jaxdiff import store
 
 # Default recording options (the `scores` config section).
 DEFAULTS = {
-    "chunk_size": 1024,        # examples per jitted scoring call
+    "chunk_size": 0,           # examples per jitted scoring call (0 = auto, point.auto_chunk_size)
     "grand": True,             # GraNd at the end of training (and at snapshot_epochs)
     "grand_method": "ghost",   # exact per-example norms; "vmap" is the reference
     "minibatch": True,         # forgetting / learning time over the members' own minibatches
@@ -46,9 +46,10 @@ def validate(config: Mapping[str, Any]) -> None:
                      f"{list(S.grand.METHODS)}")
   if opts["vog"] not in (True, False, "auto"):
     raise ValueError(f"scores.vog={opts['vog']!r}: valid values are True, False, 'auto'")
-  for field in ("chunk_size", "knn_k"):
-    if int(opts[field]) <= 0:
-      raise ValueError(f"scores.{field}={opts[field]}: must be positive")
+  if int(opts["knn_k"]) <= 0:
+    raise ValueError(f"scores.knn_k={opts['knn_k']}: must be positive")
+  if int(opts["chunk_size"]) < 0:
+    raise ValueError(f"scores.chunk_size={opts['chunk_size']}: must be positive (or 0 = auto)")
 
 
 class Recorder:
@@ -65,7 +66,7 @@ class Recorder:
     self.ds = ds
     self.num_runs = num_runs
     self.workdir = workdir
-    self.chunk = int(self.opts["chunk_size"])
+    self._chunk = int(self.opts["chunk_size"])  # 0: chosen on first use (needs variables)
     n = ds.num_train
     per_example = int(np.prod(ds.x_train.shape[1:]))
     vog = self.opts["vog"]
@@ -92,7 +93,19 @@ class Recorder:
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
 
   def _variables(self, state):
-    return self.engine.variables(state)
+    v = self.engine.variables(state)
+    if not self._chunk:
+      mesh = getattr(self.engine, "mesh", None)
+      members = 1 if self.loop_members else -(-self.num_runs // (mesh.size if mesh else 1))
+      self._chunk = S.point.auto_chunk_size(
+          self.apply_fn, jax.tree_util.tree_map(lambda a: a[0], v), self.ds.x_train, members)
+      logging.info("scoring in chunks of %d examples (scores.chunk_size=0: auto)", self._chunk)
+    return v
+
+  @property
+  def chunk(self) -> int:
+    """Examples per jitted scoring call (set once variables are known when chunk_size=0)."""
+    return self._chunk
 
   def on_epoch(self, epoch: int, state, idx, seen) -> list[dict]:
     """Evaluates every member after `epoch` and updates the accumulators.
@@ -106,7 +119,12 @@ class Recorder:
       per-member metric records for metrics.jsonl.
     """
     v = self._variables(state)
-    pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
+    grads = None
+    if self.vog:  # one forward pass for the point scores and VoG's input gradients
+      pts, logits, grads = self._members(lambda vv: S.input_grad.point_scores_and_input_grad(
+          self.apply_fn, vv, self.ds.x_train, self.ds.y_train, self.chunk), v)
+    else:
+      pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
     test = self._members(self._point, v, self.ds.x_test, self.ds.y_test, False)
     self.state["epoch"] = S.EpochAccumulator.update(self.state["epoch"], pts, epoch)
     if "minibatch" in self.state:
@@ -116,9 +134,7 @@ class Recorder:
       for s in range(num_steps):
         mb = S.MinibatchForgetting.update(mb, idx[:, s], seen["correct"][:, s], step0 + s)
       self.state["minibatch"] = mb
-    if self.vog:
-      grads = self._members(lambda vv: S.input_grad_py(self.apply_fn, vv, self.ds.x_train,
-                                                       self.ds.y_train, self.chunk), v)
+    if grads is not None:
       self.state["vog"] = S.VoGAccumulator.update(dict(self.state["vog"]), grads)
     if self.opts["save_history"] and self.workdir:
       _save_history(self.workdir, epoch, logits)

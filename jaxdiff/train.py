@@ -28,7 +28,8 @@ from jaxdiff import scores as scores_lib
 from jaxdiff import store
 
 # Config fields that may change between a run and its resumption without changing its numbers.
-RESUME_SAFE_FIELDS = frozenset({"checkpoint_every", "progress", "num_devices", "member_strategy",
+RESUME_SAFE_FIELDS = frozenset({"checkpoint_every", "progress", "num_devices", "cpu_devices",
+                                "member_strategy",
                                 "epoch_loop", "eval_chunk_size", "scores.chunk_size"})
 
 
@@ -71,7 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = config.get(field)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
       raise ConfigError(f"config.{field}={v!r}: must be a positive integer")
-  for field in ("checkpoint_every", "first_member"):
+  for field in ("checkpoint_every", "first_member", "cpu_devices"):
     v = config.get(field, 0)
     if not isinstance(v, int) or v < 0:
       raise ConfigError(f"config.{field}={v!r}: must be a non-negative integer")

@@ -223,3 +223,50 @@ def test_sharded_run_equals_single_device(tmp_path):
   r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                      timeout=300)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def _run_script(body, xla_flags=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n" +
+                      textwrap.dedent(body)], capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_split_cpu_gives_devices_and_looped_members_stay_on_one():
+  _run_script("""
+      import jax, numpy as np, pytest
+      from jaxdiff import ensemble as ens, models
+      with pytest.raises(ValueError, match="cpu_devices=-1"):
+        ens.split_cpu(-1)
+      assert ens.split_cpu(2) == 2
+      assert len(jax.devices()) == 2, jax.devices()
+      assert ens.split_cpu(3) is None and len(jax.devices()) == 2  # too late: backends started
+      tx = ens.make_optimizer({"name": "sgd", "lr": 0.1}, 1, 1)
+      ik = ens.member_keys(0, np.arange(4))[0]
+      x = np.zeros((2, 40), np.float32)
+      # XLA convolutions loop over members on CPU: one device, not a vmapped sharded program.
+      conv = models.build_model(dict(name="cnn", width=4, depth=2, kernel_size=3, stride=2,
+                                     pool=False, head="flatten", conv_impl="xla"), 10)
+      e = ens.Engine(conv, tx, mesh=ens.make_mesh(4))
+      assert e.mesh is not None
+      st = e.init(ik, x)
+      assert e.mesh is None and e.resolved_member_strategy == "loop"
+      assert len(jax.tree_util.tree_leaves(st.params)[0].devices()) == 1
+      # Dense members are vmapped and sharded over both devices.
+      mlp = models.build_model(dict(name="mlp", width=8, depth=1), 10)
+      e = ens.Engine(mlp, tx, mesh=ens.make_mesh(4))
+      st = e.init(ik, x)
+      assert e.resolved_member_strategy == "vmap"
+      assert len(jax.tree_util.tree_leaves(st.params)[0].devices()) == 2
+      print("OK")
+  """)
+  # An explicit XLA_FLAGS device count wins.
+  _run_script("""
+      import jax
+      from jaxdiff import ensemble as ens
+      assert ens.split_cpu(2) is None and len(jax.devices()) == 3, jax.devices()
+      print("OK")
+  """, xla_flags="--xla_force_host_platform_device_count=3")

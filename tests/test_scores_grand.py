@@ -222,3 +222,19 @@ def test_input_grad_rejects_unknown_target():
   x, y = data()
   with pytest.raises(ValueError, match="valid targets"):
     input_grad.input_grad_py(mlp_apply, stacked_init(MLP, 2, x), x, y, target="loss")
+
+
+@pytest.mark.parametrize("model,apply", [(MLP, mlp_apply), (CNN, cnn_apply)])
+def test_fused_point_scores_and_input_grad_equal_the_separate_passes(model, apply):
+  from jaxdiff.scores import point  # pylint: disable=g-import-not-at-top
+  x, y = data(3)
+  v = stacked_init(model, 2, x, seed=2)
+  pts, logits, grads = input_grad.point_scores_and_input_grad(apply, v, x, y, chunk_size=5)
+  ref_pts, ref_logits = point.compute_point_scores(apply, v, x, y, chunk_size=4,
+                                                   return_logits=True)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-6)
+  assert sorted(pts) == sorted(ref_pts)
+  for k in pts:
+    np.testing.assert_allclose(pts[k], ref_pts[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(grads, input_grad.input_grad_py(apply, v, x, y, chunk_size=13),
+                             rtol=1e-5, atol=1e-7)

@@ -102,3 +102,24 @@ def test_compute_point_scores_validates_inputs():
   bad["params"]["Dense_0"]["bias"] = bad["params"]["Dense_0"]["bias"][:1]
   with pytest.raises(ValueError, match="leading members axis"):
     point.compute_point_scores(mlp_apply, bad, x, np.zeros(5, int))
+
+
+def test_auto_chunk_size_follows_activation_memory():
+  """Powers of two within range, halving as members double, smaller for bigger activations."""
+  x = np.zeros((8, 10), np.float32)
+  mlp_v = member(stacked_init(MLP, 1, x), 0)
+  cnn_v = member(stacked_init(CNN, 1, x), 0)
+  lo, hi = point.AUTO_CHUNK_RANGE
+  for apply, v in ((mlp_apply, mlp_v), (cnn_apply, cnn_v)):
+    sizes = [point.auto_chunk_size(apply, v, x, r, backend="cpu") for r in (1, 64, 128, 256, 10**6)]
+    assert sizes[0] == hi and lo < sizes[3] < sizes[1] < hi, sizes
+    assert all(s & (s - 1) == 0 and lo <= s <= hi for s in sizes), sizes
+    assert sizes[-1] == lo
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    for a, b in zip(sizes[1:3], sizes[2:4]):
+      if lo < b and a < hi:
+        assert a == 2 * b, sizes  # members 64 -> 128 -> 256: the chunk halves
+  wide = [point.auto_chunk_size(mlp_apply, mlp_v, x, 64, backend="cpu"),
+          point.auto_chunk_size(cnn_apply, cnn_v, x, 64, backend="cpu")]
+  assert wide[0] > wide[1], wide  # the CNN's activations per example are larger
+  assert point.auto_chunk_size(cnn_apply, cnn_v, x, 64, backend="gpu") == point.ACCELERATOR_CHUNK

@@ -31,9 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.member_strategy = "auto"  # auto | vmap | loop
   c.epoch_loop = "auto"      # auto | scan | python
   c.num_devices = 0          # shard the runs axis over this many devices (0 = all)
+  c.cpu_devices = 0          # CPU only: split it into this many JAX devices at startup
+                             # (0 = one per core, 1 = no split; ensemble.split_cpu)
   c.progress = True
   c.scores = ml_collections.ConfigDict(dict(
-      chunk_size=1024, grand=True, grand_method="ghost", minibatch=True,
+      chunk_size=0, grand=True, grand_method="ghost", minibatch=True,
       vog=ml_collections.FieldReference("auto", field_type=object),  # True | False | "auto"
       representation=True, knn_k=30, num_prototypes=0, snapshot_epochs=(), save_history=False))
   return c

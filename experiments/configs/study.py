@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.num_epochs = EPOCHS
   t.checkpoint_every = 5
   # VoG needs input gradients of every example at every epoch: the most expensive score on a CPU.
-  t.scores = ml_collections.ConfigDict(dict(chunk_size=1024, grand=True, minibatch=True,
+  t.scores = ml_collections.ConfigDict(dict(chunk_size=0, grand=True, minibatch=True,
                                             vog=False, representation=True))
   c.train = t
   c.archs = ml_collections.ConfigDict(dict(

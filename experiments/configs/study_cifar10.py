@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
       milestones=(0.5, 0.75), decay_factor=0.1, warmup_epochs=0, member_lr_scale=()))
   t.checkpoint_every = 5
   t.member_strategy = "auto"  # vmap on accelerators
-  t.scores = ml_collections.ConfigDict(dict(chunk_size=1024, grand=True, minibatch=True,
+  t.scores = ml_collections.ConfigDict(dict(chunk_size=0, grand=True, minibatch=True,
                                             vog="auto", representation=True))
   c.archs = ml_collections.ConfigDict(dict(
       resnet20=dict(name="resnet", depth=20, width=16, skip=True),

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.batch_size = 50
   t.checkpoint_every = 0  # at the end only
   t.progress = False
-  t.scores = ml_collections.ConfigDict(dict(chunk_size=1024, grand=False, minibatch=False,
+  t.scores = ml_collections.ConfigDict(dict(chunk_size=0, grand=False, minibatch=False,
                                             vog=False, representation=False))
   # Dense models only: they compile in a fraction of a convolution's time on a CPU.
   c.archs = ml_collections.ConfigDict(dict(
