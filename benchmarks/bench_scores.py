@@ -42,6 +42,8 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Examples per scoring call (0 = a
 _K = flags.DEFINE_integer("knn_k", 30, "k of the prediction-depth probes.")
 _GRAND_VMAP = flags.DEFINE_bool("grand_vmap", True, "Also time the 'vmap' GraNd reference.")
 _OUT = flags.DEFINE_string("out", "", "Output json (default benchmarks/results/scores.json).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many JAX devices "
+                                    "(0 = one per core, as the experiment scripts; 1 = no split).")
 
 ARCHS = {
     "mlp": {"name": "mlp", "width": 100, "depth": 2},
@@ -56,13 +58,14 @@ def train(arch, num_runs, x, y, num_epochs):
   model = models.build_model(ARCHS[arch], 10)
   steps = x.shape[0] // BATCH
   tx = ens.make_optimizer({"name": "adam", "lr": 1e-2}, steps, num_epochs)
-  engine = ens.Engine(model, tx)
+  engine = ens.Engine(model, tx, mesh=ens.make_mesh(num_runs))  # as train.py
   init_keys, data_keys, aug_keys = ens.member_keys(0, np.arange(num_runs))
   state = engine.init(init_keys, x[:1])
-  xd, yd = jnp.asarray(x), jnp.asarray(y)
+  xd, yd = engine.replicate(jnp.asarray(x)), engine.replicate(jnp.asarray(y))
+  data_keys, aug_keys = engine.shard(data_keys), engine.shard(aug_keys)
   times = []
   for epoch in range(num_epochs):
-    idx = data_lib.epoch_permutations(data_keys, epoch, x.shape[0], BATCH)
+    idx = engine.shard(data_lib.epoch_permutations(data_keys, epoch, x.shape[0], BATCH))
     jax.block_until_ready(idx)
     last = idx
     t = time.perf_counter()
@@ -105,8 +108,12 @@ def bench(arch, num_runs, ds):
          "epoch_s": epoch, "epoch_times_s": epoch_times, "chunk_size": chunk}
   timings = {}
   epochs = iter(range(_EPOCHS.value + 1, 10**6))
-  _, *timings["recording_epoch"] = cold_warm(lambda: recorder.on_epoch(next(epochs), state, idx,
-                                                                       seen))
+  record = lambda: recorder.on_epoch(next(epochs), state, idx, seen)
+  t = time.perf_counter()
+  record()  # the accumulators' shardings settle after the first update: warm up twice
+  cold = time.perf_counter() - t
+  _, _, warm = cold_warm(record)
+  timings["recording_epoch"] = (cold, warm)
   (_, logits), *timings["point"] = cold_warm(lambda: members(
       lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)))
   ghost, *timings["grand_ghost"] = cold_warm(lambda: grand("ghost"))
@@ -132,13 +139,14 @@ def bench(arch, num_runs, ds):
 
 def main(argv):
   del argv
+  ens.split_cpu(_CPU_DEVICES.value)  # before JAX starts
   if _EPOCHS.value < 2:
     raise app.UsageError(f"--train_epochs={_EPOCHS.value}: need >= 2 (the first one compiles)")
   ds = data_lib.load_dataset({"name": "mnist1d"})
   x, y = ds.x_train, ds.y_train
   names = ["recording_epoch", "point", "grand_ghost"] + (["grand_vmap"] if _GRAND_VMAP.value else []) + [
       "features", "prediction_depth", "prototypes"]
-  print(f"backend={jax.default_backend()} N={x.shape[0]}; seconds warm (cold) and warm / epoch")
+  print(f"backend={jax.default_backend()} devices={len(jax.devices())} N={x.shape[0]}; seconds warm (cold) and warm / epoch")
   rows = []
   for arch in _ARCHS.value:
     for r in map(int, _RUNS.value):
@@ -155,7 +163,8 @@ def main(argv):
       sys.stdout.flush()
   out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    "scores.json")
-  store.atomic_write_json(out, {"backend": jax.default_backend(), "num_train": int(x.shape[0]),
+  store.atomic_write_json(out, {"backend": jax.default_backend(), "devices": len(jax.devices()),
+                                "num_train": int(x.shape[0]),
                                 "train_epochs": _EPOCHS.value, "rows": rows})
   print("wrote", out)
 

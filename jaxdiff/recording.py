@@ -128,12 +128,8 @@ class Recorder:
     test = self._members(self._point, v, self.ds.x_test, self.ds.y_test, False)
     self.state["epoch"] = S.EpochAccumulator.update(self.state["epoch"], pts, epoch)
     if "minibatch" in self.state:
-      num_steps = idx.shape[1]
-      step0 = (epoch - 1) * num_steps
-      mb = self.state["minibatch"]
-      for s in range(num_steps):
-        mb = S.MinibatchForgetting.update(mb, idx[:, s], seen["correct"][:, s], step0 + s)
-      self.state["minibatch"] = mb
+      self.state["minibatch"] = S.MinibatchForgetting.update_steps(
+          self.state["minibatch"], idx, seen["correct"], (epoch - 1) * idx.shape[1])
     if grads is not None:
       self.state["vog"] = S.VoGAccumulator.update(dict(self.state["vog"]), grads)
     if self.opts["save_history"] and self.workdir:

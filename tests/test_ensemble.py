@@ -236,6 +236,7 @@ def _run_script(body, xla_flags=None):
 
 
 def test_split_cpu_gives_devices_and_looped_members_stay_on_one():
+  """split_cpu before JAX starts; looping members drop the mesh; k-NN probes on 2 devices."""
   _run_script("""
       import jax, numpy as np, pytest
       from jaxdiff import ensemble as ens, models
@@ -261,6 +262,18 @@ def test_split_cpu_gives_devices_and_looped_members_stay_on_one():
       st = e.init(ik, x)
       assert e.resolved_member_strategy == "vmap"
       assert len(jax.tree_util.tree_leaves(st.params)[0].devices()) == 2
+      # k-NN probes spread members over both devices, with the same predictions as on one.
+      from jaxdiff.scores import representation as rep
+      rng = np.random.default_rng(0)
+      layers = [rng.normal(size=(3, 60, 4)).astype(np.float32) for _ in range(3)]
+      labels, final = rng.integers(0, 3, 60), rng.integers(0, 3, (3, 60))
+      run = lambda: (rep.prediction_depth(layers, labels, None, final, k=5, chunk_size=16),
+                     rep.knn_predict(layers[1], labels, layers[2], k=5, chunk_size=16))
+      two = run()
+      rep._member_devices = lambda: jax.devices()[:1]
+      one = run()
+      np.testing.assert_array_equal(two[0], one[0])
+      np.testing.assert_array_equal(two[1], one[1])
       print("OK")
   """)
   # An explicit XLA_FLAGS device count wins.

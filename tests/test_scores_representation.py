@@ -103,13 +103,13 @@ def test_prediction_depth_reuses_shared_and_repeated_layers(monkeypatch):
   layers = [np.broadcast_to(x, (r, n, 5)), *hidden, hidden[-1].reshape(r, n, 5, 1).copy()]
   final = np.where(rng.uniform(size=(r, n)) < 0.85, labels, rng.integers(0, 3, (r, n)))
   probed = []
-  call = rep._Probe.__call__  # pylint: disable=protected-access
+  dispatch = rep._Probe.dispatch  # pylint: disable=protected-access
 
-  def counting(self, train, query, rows=None):
-    probed.append(query.shape[0] if rows is None else len(rows))
-    return call(self, train, query, rows)
+  def counting(self, train, query, rows, device=None):
+    probed.append(len(rows))
+    return dispatch(self, train, query, rows, device)
 
-  monkeypatch.setattr(rep._Probe, "__call__", counting)  # pylint: disable=protected-access
+  monkeypatch.setattr(rep._Probe, "dispatch", counting)  # pylint: disable=protected-access
   got = rep.prediction_depth(layers, labels, None, final, k=k, chunk_size=8)
   flat = [l.reshape(r, n, -1) for l in layers]
   ref = brute_depth(flat, labels, flat, final, k, exclude_self=True)

@@ -213,3 +213,26 @@ def test_vog_single_example_class_gets_zero_and_shapes_checked():
   assert out["vog"][0, 2] == 0.0 and np.all(np.abs(out["vog"][0, :2]) == 1.0)
   with pytest.raises(ValueError, match="earlier checkpoints"):
     VoGAccumulator.update(state, rng.normal(size=(1, 3, 5)))
+
+
+def test_minibatch_update_steps_equals_step_by_step_updates():
+  """An epoch in one scan (recording.py's call) == the python reference via per-step updates."""
+  rng = np.random.default_rng(5)
+  r, n, b, steps = 2, 12, 3, 4
+  state_a, state_b = MinibatchForgetting.init(r, n), MinibatchForgetting.init(r, n)
+  schedule = []
+  for epoch in range(3):
+    idx = np.stack([rng.permutation(n)[:steps * b].reshape(steps, b) for _ in range(r)])
+    correct = rng.uniform(size=idx.shape) < 0.2 + 0.3 * epoch
+    for s in range(steps):
+      schedule.append((epoch * steps + s, idx[:, s], correct[:, s]))
+      state_a = MinibatchForgetting.update(state_a, idx[:, s], correct[:, s], epoch * steps + s)
+    state_b = MinibatchForgetting.update_steps(state_b, idx, correct, epoch * steps)
+  a, b_ = MinibatchForgetting.finalize(state_a), MinibatchForgetting.finalize(state_b)
+  ref = reference_minibatch(schedule, r, n)
+  assert (ref["forgets"] > 0).any()
+  np.testing.assert_array_equal(b_["mb_forgetting_events"], ref["forgets"])
+  for k in a:
+    np.testing.assert_array_equal(a[k], b_[k], err_msg=k)
+  with pytest.raises(ValueError, match=r"\[R=2, S, B\]"):
+    MinibatchForgetting.update_steps(state_b, np.zeros((2, 2), int), np.zeros((2, 2)), 5)

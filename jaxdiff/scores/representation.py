@@ -84,7 +84,7 @@ class _Probe:
 
   def __init__(self, labels: np.ndarray, num_classes: int, k: int, exclude_self: bool,
                chunk_size: int, m: int):
-    self.labels = jnp.asarray(labels, jnp.int32)
+    self.labels = np.asarray(labels, np.int32)
     self.static = (int(k), int(num_classes), bool(exclude_self))
     self.chunk = min(point.check_chunk_size(chunk_size), m)
     self.exclude_self = exclude_self
@@ -94,9 +94,15 @@ class _Probe:
     """One member: `train [N, F]`, `query [M, F]` -> int32 predictions for the queries `rows`
     (default: all M), in that order."""
     rows = np.arange(query.shape[0]) if rows is None else np.asarray(rows)
+    return self.collect(self.dispatch(train, query, rows), rows.size)
+
+  def dispatch(self, train: np.ndarray, query: np.ndarray, rows: np.ndarray,
+               device: jax.Device | None = None) -> list[jax.Array]:
+    """Starts the probe of one member on `device` and returns without waiting (see `collect`)."""
     if not rows.size:
-      return np.empty(0, np.int32)
-    train_j = jnp.asarray(train, jnp.float32)  # on the device once for every chunk
+      return []
+    train_j = jax.device_put(np.asarray(train, np.float32), device)  # once for every chunk
+    labels = jax.device_put(self.labels, device)
     train_sq = _sq_rows(train_j)
     c = self.chunk
     preds = []  # device arrays: chunks are dispatched without waiting for each other
@@ -107,8 +113,21 @@ class _Probe:
       if sel.size < c:  # pad so that every call has one shape
         q = np.concatenate([q, np.zeros((c - sel.size, q.shape[1]), np.float32)])
         ids = np.concatenate([ids, np.full(c - sel.size, -1, np.int32)])
-      preds.append(_knn_chunk(train_j, train_sq, self.labels, q, ids, *self.static))
-    return np.concatenate(jax.device_get(preds))[:rows.size]
+      preds.append(_knn_chunk(train_j, train_sq, labels, jax.device_put(q, device),
+                              jax.device_put(ids, device), *self.static))
+    return preds
+
+  @staticmethod
+  def collect(preds: list[jax.Array], num_rows: int) -> np.ndarray:
+    if not preds:
+      return np.empty(0, np.int32)
+    return np.concatenate(jax.device_get(preds))[:num_rows]
+
+
+def _member_devices() -> list[jax.Device]:
+  """Devices that members' probes are spread over, round robin (one per core after
+  `ensemble.split_cpu`): XLA:CPU's top_k runs on one core."""
+  return jax.local_devices()
 
 
 def _check_knn(train_shape, query_shape, labels, k, exclude_self):
@@ -156,7 +175,10 @@ def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: 
   _check_knn(train.shape, query.shape, labels, k, exclude_self)
   num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
   probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, query.shape[1])
-  return np.stack([probe(train[r], query[r]) for r in range(train.shape[0])])
+  devices, rows = _member_devices(), np.arange(query.shape[1])
+  pending = [probe.dispatch(train[r], query[r], rows, devices[r % len(devices)])
+             for r in range(train.shape[0])]
+  return np.stack([probe.collect(p, rows.size) for p in pending])
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -208,6 +230,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
   flat = lambda a: np.reshape(np.asarray(a, np.float32), np.shape(a)[:2] + (-1,))
   num_layers = len(train_features)
   probe = None
+  devices = _member_devices()
   suffix = None  # [R, M] length of the agreeing suffix of probes so far
   above = None   # (train, query, preds [R, M]) of the layer above, for reuse
   for layer in reversed(range(num_layers)):
@@ -225,14 +248,19 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     like0 = [r for r in range(tf.shape[0]) if r == 0 or (_same(tf[r], tf[0])
                                                          and _same(qf[r], qf[0]))]
     union = np.flatnonzero(active[like0].any(0))
+    pending = {}  # members' probes run concurrently, spread over the devices
     for r in range(tf.shape[0]):
       rows = union if r in like0 else np.flatnonzero(active[r])
       if r in like0 and r:
-        preds[r, rows] = preds[0, rows]
-      elif above is not None and _same(tf[r], above[0][r]) and _same(qf[r], above[1][r]):
+        continue  # member 0's predictions, copied below
+      if above is not None and _same(tf[r], above[0][r]) and _same(qf[r], above[1][r]):
         preds[r, rows] = above[2][r, rows]
       else:
-        preds[r, rows] = probe(tf[r], qf[r], rows)
+        pending[r] = (rows, probe.dispatch(tf[r], qf[r], rows, devices[len(pending) % len(devices)]))
+    for r, (rows, p) in pending.items():
+      preds[r, rows] = probe.collect(p, rows.size)
+    for r in like0[1:]:
+      preds[r, union] = preds[0, union]
     suffix += active & (preds == final_pred)
     above = (tf, qf, preds)
   return (num_layers - suffix).astype(np.float32)

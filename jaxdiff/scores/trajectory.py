@@ -6,6 +6,8 @@ each example as its member saw it in a training minibatch) and `VoGAccumulator` 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Mapping
 
 import jax
@@ -185,6 +187,26 @@ def _minibatch_update_fn(state, idx, correct, step):
 _minibatch_update = jax.jit(_minibatch_update_fn, donate_argnums=(0,))
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _minibatch_update_steps(state, idx, correct, step0):
+  def body(st, inp):
+    s, ids, c = inp
+    return _minibatch_update_fn(st, ids, c, step0 + s), None
+  steps = jnp.arange(idx.shape[1], dtype=jnp.int32)
+  return jax.lax.scan(body, state, (steps, jnp.swapaxes(idx, 0, 1),
+                                    jnp.swapaxes(correct, 0, 1)))[0]
+
+
+def _check_ids(state, idx, correct, dims: str):
+  """(idx int32, correct) on device after checking they are both `[R, *dims]`."""
+  r = state["prev"].shape[0]
+  ndim = 1 + len(dims.split(","))
+  if np.ndim(idx) != ndim or np.shape(idx) != np.shape(correct) or np.shape(idx)[0] != r:
+    raise ValueError(f"idx and correct must both be [R={r}, {dims}]; got {np.shape(idx)} and "
+                     f"{np.shape(correct)}")
+  return jnp.asarray(idx, jnp.int32), jnp.asarray(correct)
+
+
 class MinibatchForgetting:
   """Forgetting and learning times at minibatch resolution (Toneva et al. 2019's own protocol).
 
@@ -238,12 +260,25 @@ class MinibatchForgetting:
     Returns:
       The new state.
     """
-    r, n = state["prev"].shape
-    if np.ndim(idx) != 2 or np.shape(idx) != np.shape(correct) or np.shape(idx)[0] != r:
-      raise ValueError(f"idx and correct must both be [R={r}, B]; got {np.shape(idx)} and "
-                       f"{np.shape(correct)}")
-    return _minibatch_update(state, jnp.asarray(idx, jnp.int32), jnp.asarray(correct),
+    return _minibatch_update(state, *_check_ids(state, idx, correct, "B"),
                              jnp.asarray(step, jnp.int32))
+
+  @staticmethod
+  def update_steps(state: dict[str, jax.Array], idx: Any, correct: Any,
+                   step0: int) -> dict[str, jax.Array]:
+    """Records S consecutive steps in one jitted scan (an epoch: one call, not S).
+
+    Args:
+      state: from `init` or the previous update (donated).
+      idx: int `[R, S, B]`, the example ids each member saw at steps step0 .. step0 + S - 1.
+      correct: `[R, S, B]` bool or 0/1.
+      step0: int, the first step's number.
+
+    Returns:
+      The new state, equal to S calls of `update`.
+    """
+    return _minibatch_update_steps(state, *_check_ids(state, idx, correct, "S, B"),
+                                   jnp.asarray(step0, jnp.int32))
 
   @staticmethod
   def finalize(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
