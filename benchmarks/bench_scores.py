@@ -11,7 +11,8 @@ members): all point scores, GraNd ("vmap" reference and "ghost"), the features a
 depth probes (k-NN, k=30, input + every layer), prototypes, and the per-epoch recording of a
 training run (`recording.Recorder.on_epoch`: point scores of the training and test sets, VoG's
 input gradients, the trajectory accumulators). Each is reported cold (first call,
-compilation included, as in the final scoring of a training run) and warm (second call), and as
+compilation included, as in the final scoring of a training run) and warm (median of the next
+`--repeats` calls), and as
 warm time / one epoch. Writes benchmarks/results/scores.json. The machine is shared: compare the
 ratios within one run.
 """
@@ -40,6 +41,7 @@ _EPOCHS = flags.DEFINE_integer("train_epochs", 6, "Epochs trained before scoring
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Examples per scoring call (0 = auto, the "
                                "recording default).")
 _K = flags.DEFINE_integer("knn_k", 30, "k of the prediction-depth probes.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Warm calls timed per score (median).")
 _GRAND_VMAP = flags.DEFINE_bool("grand_vmap", True, "Also time the 'vmap' GraNd reference.")
 _OUT = flags.DEFINE_string("out", "", "Output json (default benchmarks/results/scores.json).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many JAX devices "
@@ -76,13 +78,16 @@ def train(arch, num_runs, x, y, num_epochs):
 
 
 def cold_warm(fn):
-  """(result, seconds of the first call, seconds of the second call)."""
+  """(result, seconds of the first call, median seconds of the next `--repeats` calls)."""
   t = time.perf_counter()
   fn()
   cold = time.perf_counter() - t
-  t = time.perf_counter()
-  out = fn()
-  return out, cold, time.perf_counter() - t
+  warm = []
+  for _ in range(_REPEATS.value):
+    t = time.perf_counter()
+    out = fn()
+    warm.append(time.perf_counter() - t)
+  return out, cold, float(np.median(warm))
 
 
 def bench(arch, num_runs, ds):
@@ -92,7 +97,7 @@ def bench(arch, num_runs, ds):
   v = engine.variables(state)
   recorder = recording.Recorder({"chunk_size": _CHUNK.value, "vog": True}, engine, ds, num_runs)
   recorder._variables(state)  # pylint: disable=protected-access  (sets the auto chunk size)
-  apply_fn, chunk = engine.apply_fn, recorder.chunk
+  apply_fn, chunk, gchunk = engine.apply_fn, recorder.chunk, recorder.grad_chunk
   loop = engine.resolved_member_strategy == "loop"
 
   def members(fn):  # as recording.Recorder._members
@@ -101,11 +106,12 @@ def bench(arch, num_runs, ds):
     outs = [fn(jax.tree_util.tree_map(lambda a: a[r:r + 1], v)) for r in range(num_runs)]  # pylint: disable=cell-var-from-loop
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
 
-  grand_kw = {"batch_size": chunk} if loop else {}
+  grand_kw = {"batch_size": gchunk} if loop else {}
   grand = lambda method: members(lambda vv: S.grand_scores(
-      apply_fn, vv, x, y, chunk_size=chunk, method=method, **grand_kw))
+      apply_fn, vv, x, y, chunk_size=gchunk, method=method, **grand_kw))
   row = {"arch": arch, "runs": num_runs, "strategy": engine.resolved_member_strategy,
-         "epoch_s": epoch, "epoch_times_s": epoch_times, "chunk_size": chunk}
+         "epoch_s": epoch, "epoch_times_s": epoch_times, "chunk_size": chunk,
+         "grad_chunk_size": gchunk}
   timings = {}
   epochs = iter(range(_EPOCHS.value + 1, 10**6))
   record = lambda: recorder.on_epoch(next(epochs), state, idx, seen)
@@ -152,7 +158,8 @@ def main(argv):
     for r in map(int, _RUNS.value):
       row = bench(arch, r, ds)
       rows.append(row)
-      print(f"{arch} R={r} ({row['strategy']}, chunks of {row['chunk_size']}): epoch "
+      print(f"{arch} R={r} ({row['strategy']}, chunks of {row['chunk_size']}, "
+            f"{row['grad_chunk_size']} with gradients): epoch "
             f"{row['epoch_s']:.3f} s, train acc "
             f"{row['train_acc']:.2f}, depth histogram {row['depth_histogram']}")
       for n in names + ["all_scores"]:

@@ -66,7 +66,8 @@ class Recorder:
     self.ds = ds
     self.num_runs = num_runs
     self.workdir = workdir
-    self._chunk = int(self.opts["chunk_size"])  # 0: chosen on first use (needs variables)
+    # 0: chosen on first use (needs variables), for forward passes and for backward passes.
+    self._chunk = self._grad_chunk = int(self.opts["chunk_size"])
     n = ds.num_train
     per_example = int(np.prod(ds.x_train.shape[1:]))
     vog = self.opts["vog"]
@@ -97,15 +98,23 @@ class Recorder:
     if not self._chunk:
       mesh = getattr(self.engine, "mesh", None)
       members = 1 if self.loop_members else -(-self.num_runs // (mesh.size if mesh else 1))
-      self._chunk = S.point.auto_chunk_size(
-          self.apply_fn, jax.tree_util.tree_map(lambda a: a[0], v), self.ds.x_train, members)
-      logging.info("scoring in chunks of %d examples (scores.chunk_size=0: auto)", self._chunk)
+      v0 = jax.tree_util.tree_map(lambda a: a[0], v)
+      self._chunk, self._grad_chunk = (
+          S.point.auto_chunk_size(self.apply_fn, v0, self.ds.x_train, members, backward=b)
+          for b in (False, True))
+      logging.info("scoring in chunks of %d examples, %d with gradients (scores.chunk_size=0: "
+                   "auto)", self._chunk, self._grad_chunk)
     return v
 
   @property
   def chunk(self) -> int:
     """Examples per jitted scoring call (set once variables are known when chunk_size=0)."""
     return self._chunk
+
+  @property
+  def grad_chunk(self) -> int:
+    """Examples per jitted call of the kernels with a backward pass (GraNd, input gradients)."""
+    return self._grad_chunk
 
   def on_epoch(self, epoch: int, state, idx, seen) -> list[dict]:
     """Evaluates every member after `epoch` and updates the accumulators.
@@ -122,7 +131,7 @@ class Recorder:
     grads = None
     if self.vog:  # one forward pass for the point scores and VoG's input gradients
       pts, logits, grads = self._members(lambda vv: S.input_grad.point_scores_and_input_grad(
-          self.apply_fn, vv, self.ds.x_train, self.ds.y_train, self.chunk), v)
+          self.apply_fn, vv, self.ds.x_train, self.ds.y_train, self.grad_chunk), v)
     else:
       pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
     test = self._members(self._point, v, self.ds.x_test, self.ds.y_test, False)
@@ -163,9 +172,9 @@ class Recorder:
   def _grand(self, v) -> np.ndarray:
     # Member by member: per-example gradients as one plain vmap over a chunk (convolutions inside
     # lax.map are very slow on CPU).
-    kw = {"batch_size": self.chunk} if self.loop_members else {}
+    kw = {"batch_size": self.grad_chunk} if self.loop_members else {}
     return self._members(lambda vv: S.grand_scores(
-        self.apply_fn, vv, self.ds.x_train, self.ds.y_train, chunk_size=self.chunk,
+        self.apply_fn, vv, self.ds.x_train, self.ds.y_train, chunk_size=self.grad_chunk,
         method=self.opts["grand_method"], **kw), v)
 
   def finalize(self, state) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -123,3 +123,18 @@ def test_auto_chunk_size_follows_activation_memory():
           point.auto_chunk_size(cnn_apply, cnn_v, x, 64, backend="cpu")]
   assert wide[0] > wide[1], wide  # the CNN's activations per example are larger
   assert point.auto_chunk_size(cnn_apply, cnn_v, x, 64, backend="gpu") == point.ACCELERATOR_CHUNK
+
+
+def test_auto_chunk_size_for_a_backward_pass_is_not_larger():
+  """A kernel with a backward pass holds more per example: its chunk is at most the forward's."""
+  x = np.zeros((8, 10), np.float32)
+  for model, apply in ((MLP, mlp_apply), (CNN, cnn_apply)):
+    v = member(stacked_init(model, 1, x), 0)
+    for r in (64, 256):
+      fwd = point.auto_chunk_size(apply, v, x, r, backend="cpu")
+      bwd = point.auto_chunk_size(apply, v, x, r, backend="cpu", backward=True)
+      assert bwd <= fwd, (r, fwd, bwd)
+  assert point.auto_chunk_size(cnn_apply, member(stacked_init(CNN, 1, x), 0), x, 256,
+                               backend="cpu", backward=True) < point.auto_chunk_size(
+                                   cnn_apply, member(stacked_init(CNN, 1, x), 0), x, 256,
+                                   backend="cpu")

@@ -2,7 +2,8 @@
 
   python experiments/train.py --config=experiments/configs/cnn.py --workdir=/tmp/jaxdiff/cnn
 
-Expected: a few minutes on a 2-core CPU; test accuracy near the MNIST-1D paper's CNN (94%).
+Expected: ~2 min on a 2-core CPU (130 s measured, 100 epochs); test accuracy near the MNIST-1D
+paper's CNN (94%).
 """
 
 import ml_collections

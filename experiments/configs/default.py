@@ -2,7 +2,8 @@
 
   python experiments/train.py --config=experiments/configs/default.py --workdir=/tmp/jaxdiff/mlp
 
-Expected: ~1-2 min on a 2-core CPU; test accuracy around the MNIST-1D paper's MLP figure (68%).
+Expected: ~1 min on a 2-core CPU (46 s measured); test accuracy around the MNIST-1D paper's MLP
+figure (68%).
 """
 
 import ml_collections
