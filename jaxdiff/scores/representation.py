@@ -125,9 +125,25 @@ class _Probe:
 
 
 def _member_devices() -> list[jax.Device]:
-  """Devices that members' probes are spread over, round robin (one per core after
-  `ensemble.split_cpu`): XLA:CPU's top_k runs on one core."""
+  """Devices that members' probes are spread over (one per core after `ensemble.split_cpu`):
+  XLA:CPU's top_k runs on one core."""
   return jax.local_devices()
+
+
+def _probe_members(probe: _Probe, jobs: list[tuple]) -> dict[int, np.ndarray]:
+  """Runs `jobs` [(member, train [N, F], query [M, F], rows)] in waves of one member per device
+  (concurrently, and with only one member's features on each device at a time).
+
+  Returns:
+    {member: int32 predictions for its rows}.
+  """
+  devices, out = _member_devices(), {}
+  for start in range(0, len(jobs), len(devices)):
+    wave = [(r, rows, probe.dispatch(train, query, rows, device))
+            for (r, train, query, rows), device in zip(jobs[start:start + len(devices)], devices)]
+    for r, rows, pending in wave:
+      out[r] = probe.collect(pending, rows.size)
+  return out
 
 
 def _check_knn(train_shape, query_shape, labels, k, exclude_self):
@@ -175,10 +191,9 @@ def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: 
   _check_knn(train.shape, query.shape, labels, k, exclude_self)
   num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
   probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, query.shape[1])
-  devices, rows = _member_devices(), np.arange(query.shape[1])
-  pending = [probe.dispatch(train[r], query[r], rows, devices[r % len(devices)])
-             for r in range(train.shape[0])]
-  return np.stack([probe.collect(p, rows.size) for p in pending])
+  rows = np.arange(query.shape[1])
+  out = _probe_members(probe, [(r, train[r], query[r], rows) for r in range(train.shape[0])])
+  return np.stack([out[r] for r in range(train.shape[0])])
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -230,7 +245,6 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
   flat = lambda a: np.reshape(np.asarray(a, np.float32), np.shape(a)[:2] + (-1,))
   num_layers = len(train_features)
   probe = None
-  devices = _member_devices()
   suffix = None  # [R, M] length of the agreeing suffix of probes so far
   above = None   # (train, query, preds [R, M]) of the layer above, for reuse
   for layer in reversed(range(num_layers)):
@@ -248,7 +262,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     like0 = [r for r in range(tf.shape[0]) if r == 0 or (_same(tf[r], tf[0])
                                                          and _same(qf[r], qf[0]))]
     union = np.flatnonzero(active[like0].any(0))
-    pending = {}  # members' probes run concurrently, spread over the devices
+    jobs = []  # members' probes, run concurrently over the devices
     for r in range(tf.shape[0]):
       rows = union if r in like0 else np.flatnonzero(active[r])
       if r in like0 and r:
@@ -256,9 +270,10 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       if above is not None and _same(tf[r], above[0][r]) and _same(qf[r], above[1][r]):
         preds[r, rows] = above[2][r, rows]
       else:
-        pending[r] = (rows, probe.dispatch(tf[r], qf[r], rows, devices[len(pending) % len(devices)]))
-    for r, (rows, p) in pending.items():
-      preds[r, rows] = probe.collect(p, rows.size)
+        jobs.append((r, tf[r], qf[r], rows))
+    rows_of = {job[0]: job[3] for job in jobs}
+    for r, p in _probe_members(probe, jobs).items():
+      preds[r, rows_of[r]] = p
     for r in like0[1:]:
       preds[r, union] = preds[0, union]
     suffix += active & (preds == final_pred)
