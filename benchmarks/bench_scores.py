@@ -56,7 +56,11 @@ BATCH = 100
 
 
 def train(arch, num_runs, x, y, num_epochs):
-  """Trains the ensemble; returns (engine, state, seconds of each epoch, (idx, seen) of the last)."""
+  """Trains the ensemble.
+
+  Returns:
+    (engine, state, seconds of each epoch, (idx, seen) of the last epoch).
+  """
   model = models.build_model(ARCHS[arch], 10)
   steps = x.shape[0] // BATCH
   tx = ens.make_optimizer({"name": "adam", "lr": 1e-2}, steps, num_epochs)
@@ -150,9 +154,10 @@ def main(argv):
     raise app.UsageError(f"--train_epochs={_EPOCHS.value}: need >= 2 (the first one compiles)")
   ds = data_lib.load_dataset({"name": "mnist1d"})
   x, y = ds.x_train, ds.y_train
-  names = ["recording_epoch", "point", "grand_ghost"] + (["grand_vmap"] if _GRAND_VMAP.value else []) + [
-      "features", "prediction_depth", "prototypes"]
-  print(f"backend={jax.default_backend()} devices={len(jax.devices())} N={x.shape[0]}; seconds warm (cold) and warm / epoch")
+  names = (["recording_epoch", "point", "grand_ghost"] + (["grand_vmap"] if _GRAND_VMAP.value else [])
+           + ["features", "prediction_depth", "prototypes"])
+  print(f"backend={jax.default_backend()} devices={len(jax.devices())} N={x.shape[0]}; "
+        "seconds warm (cold) and warm / epoch")
   rows = []
   for arch in _ARCHS.value:
     for r in map(int, _RUNS.value):

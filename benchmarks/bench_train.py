@@ -123,7 +123,8 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) * steps * num_runs
   devices = f" x{engine.mesh.size}" if engine.mesh is not None else ""
-  return seconds, flops, engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
+  resolved = engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
+  return seconds, flops, resolved
 
 
 def bench_torch(arch, num_runs, x, y, steps, repeats):

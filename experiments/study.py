@@ -29,7 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  ensemble.split_cpu(_CONFIG.value.train.get("cpu_devices", 0))  # before JAX starts: one device per core
+  # Before JAX starts: one CPU device per core.
+  ensemble.split_cpu(_CONFIG.value.train.get("cpu_devices", 0))
   findings = study.run_study(_CONFIG.value, _WORKDIR.value)
   print("\n".join(findings["summary"]))
   print(f"report: {findings['report']}  (total {findings['timings']['total']:.0f} s)")
