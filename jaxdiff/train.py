@@ -29,7 +29,7 @@ from jaxdiff import store
 
 # Config fields that may change between a run and its resumption without changing its numbers.
 RESUME_SAFE_FIELDS = frozenset({"checkpoint_every", "progress", "num_devices", "cpu_devices",
-                                "member_strategy",
+                                "member_strategy", "member_chunk",
                                 "epoch_loop", "eval_chunk_size", "scores.chunk_size"})
 
 
@@ -72,7 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = config.get(field)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
       raise ConfigError(f"config.{field}={v!r}: must be a positive integer")
-  for field in ("checkpoint_every", "first_member", "cpu_devices"):
+  for field in ("checkpoint_every", "first_member", "cpu_devices", "member_chunk"):
     v = config.get(field, 0)
     if not isinstance(v, int) or v < 0:
       raise ConfigError(f"config.{field}={v!r}: must be a non-negative integer")
@@ -180,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = ens.make_mesh(num_runs, config.get("num_devices", 0))
   engine = ens.Engine(model, tx, augment=bool(config.get("augment", False)) and ds.kind == "image",
                       member_strategy=config.get("member_strategy", "auto"),
-                      epoch_loop=config.get("epoch_loop", "auto"), mesh=mesh)
+                      epoch_loop=config.get("epoch_loop", "auto"), mesh=mesh,
+                      member_chunk=config.get("member_chunk", 0))
   init_keys, data_keys, aug_keys = ens.member_keys(config.seed, member_ids)
   scales = list(config.optim.get("member_lr_scale", ()) or ())
   state = engine.init(init_keys, ds.x_train[:1], np.asarray(scales) if scales else None)

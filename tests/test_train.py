@@ -63,6 +63,7 @@ def test_resume_refuses_other_config(tmp_path):
     ({"batch_size": 0}, r"batch_size=0"),
     ({"data.name": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
     ({"model.width": -5}, r"model.width=-5: must be positive"),
+    ({"member_chunk": -1}, r"config.member_chunk=-1: must be a non-negative integer"),
 ])
 def test_bad_config_is_refused_before_writing(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 10    # epochs
   c.member_strategy = "auto"  # auto | vmap | loop
   c.epoch_loop = "auto"      # auto | scan | python
+  c.member_chunk = 0         # vmapped members run in chunks of this many per device, one chunk's
+                             # epoch after another (0 = auto: 8 on CPU, all on accelerators)
   c.num_devices = 0          # shard the runs axis over this many devices (0 = all)
   c.cpu_devices = 0          # CPU only: split it into this many JAX devices at startup
                              # (0 = one per core, 1 = no split; ensemble.split_cpu)
