@@ -13,8 +13,9 @@ training run (`recording.Recorder.on_epoch`: point scores of the training and te
 input gradients, the trajectory accumulators). Each is reported cold (first call,
 compilation included, as in the final scoring of a training run) and warm (median of the next
 `--repeats` calls), and as
-warm time / one epoch. Writes benchmarks/results/scores.json. The machine is shared: compare the
-ratios within one run.
+warm time / one epoch, with the process's peak resident memory while each ran (Linux; the
+high-water mark is reset before each). Writes benchmarks/results/scores.json. The machine is
+shared: compare the ratios within one run.
 """
 
 import os
@@ -34,6 +35,7 @@ from jaxdiff import models
 from jaxdiff import recording
 from jaxdiff import scores as S
 from jaxdiff import store
+import memory  # pylint: disable=g-import-not-at-top,g-bad-import-order  (benchmarks/memory.py)
 
 _ARCHS = flags.DEFINE_list("archs", ["mlp", "cnn"], "Architectures (keys of ARCHS).")
 _RUNS = flags.DEFINE_list("runs", ["8", "16"], "Ensemble sizes R.")
@@ -81,8 +83,12 @@ def train(arch, num_runs, x, y, num_epochs):
   return engine, state, times, (last, out)
 
 
-def cold_warm(fn):
+_PEAK_RSS = {}  # stage -> peak resident bytes of the process while the stage ran (Linux)
+
+
+def cold_warm(fn, stage=None):
   """(result, seconds of the first call, median seconds of the next `--repeats` calls)."""
+  memory.reset_peak_rss()
   t = time.perf_counter()
   fn()
   cold = time.perf_counter() - t
@@ -91,6 +97,8 @@ def cold_warm(fn):
     t = time.perf_counter()
     out = fn()
     warm.append(time.perf_counter() - t)
+  if stage:
+    _PEAK_RSS[stage] = memory.peak_rss_bytes()
   return out, cold, float(np.median(warm))
 
 
@@ -122,25 +130,27 @@ def bench(arch, num_runs, ds):
   t = time.perf_counter()
   record()  # the accumulators' shardings settle after the first update: warm up twice
   cold = time.perf_counter() - t
-  _, _, warm = cold_warm(record)
+  _, _, warm = cold_warm(record, "recording_epoch")
   timings["recording_epoch"] = (cold, warm)
   (_, logits), *timings["point"] = cold_warm(lambda: members(
-      lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)))
-  ghost, *timings["grand_ghost"] = cold_warm(lambda: grand("ghost"))
+      lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)), "point")
+  ghost, *timings["grand_ghost"] = cold_warm(lambda: grand("ghost"), "grand_ghost")
   if _GRAND_VMAP.value:
-    ref, *timings["grand_vmap"] = cold_warm(lambda: grand("vmap"))
+    ref, *timings["grand_vmap"] = cold_warm(lambda: grand("vmap"), "grand_vmap")
     row["grand_max_rel_diff"] = float(np.max(np.abs(ghost - ref) / np.maximum(ref, 1e-30)))
   (layers, _), *timings["features"] = cold_warm(lambda: members(
       lambda vv: S.representation.features(apply_fn, vv, x, chunk, include_input=True,
-                                           return_logits=True)))
+                                           return_logits=True)), "features")
   depth, *timings["prediction_depth"] = cold_warm(lambda: S.prediction_depth(
-      layers, y, None, logits.argmax(-1), k=_K.value))
-  _, *timings["prototypes"] = cold_warm(lambda: S.prototype_scores(layers[-1], y, 10, seed=0))
+      layers, y, None, logits.argmax(-1), k=_K.value), "prediction_depth")
+  _, *timings["prototypes"] = cold_warm(lambda: S.prototype_scores(layers[-1], y, 10, seed=0),
+                                        "prototypes")
   row["depth_histogram"] = np.bincount(depth.astype(int).ravel(), minlength=len(layers) + 1
                                        ).tolist()
   row["train_acc"] = float((logits.argmax(-1) == y).mean())
   for name, (cold, warm) in timings.items():
     row[f"{name}_cold_s"], row[f"{name}_s"], row[f"{name}_over_epoch"] = cold, warm, warm / epoch
+    row[f"{name}_peak_rss_bytes"] = _PEAK_RSS.get(name)
   all_scores = ("point", "grand_ghost", "features", "prediction_depth", "prototypes")
   row["all_scores_s"] = sum(row[f"{n}_s"] for n in all_scores)
   row["all_scores_over_epoch"] = row["all_scores_s"] / epoch
@@ -169,7 +179,9 @@ def main(argv):
             f"{row['train_acc']:.2f}, depth histogram {row['depth_histogram']}")
       for n in names + ["all_scores"]:
         cold = f" ({row[f'{n}_cold_s']:7.3f})" if f"{n}_cold_s" in row else " " * 10
-        print(f"  {n:<18}{row[f'{n}_s']:8.3f}{cold} s  {row[f'{n}_over_epoch']:6.2f}x epoch")
+        rss = row.get(f"{n}_peak_rss_bytes")
+        rss = f"  peak RSS {rss / 2**20:6.0f} MiB" if rss else ""
+        print(f"  {n:<18}{row[f'{n}_s']:8.3f}{cold} s  {row[f'{n}_over_epoch']:6.2f}x epoch{rss}")
       if "grand_max_rel_diff" in row:
         print(f"  GraNd ghost vs vmap: max relative difference {row['grand_max_rel_diff']:.1e}")
       sys.stdout.flush()

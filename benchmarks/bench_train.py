@@ -13,6 +13,9 @@ as ratios (the machine is shared and noisy): member-epochs per second of
   torch:   a PyTorch loop over members, one model at a time (if torch is installed),
 and achieved FLOP/s (XLA's cost analysis of one member step, times steps) against a 2048^2 matmul
 timed just before and after each engine timing (the larger of the two: the host's speed drifts).
+Memory of the engine (json): `engine_program_bytes`, what XLA plans per device for the training
+program (column MiB); `engine_peak_rss_bytes`, the process's peak resident memory while it ran
+(Linux); `engine_device_peak_bytes` where the backend reports it (GPU/TPU).
 """
 
 import json
@@ -31,6 +34,7 @@ from jaxdiff import data as data_lib  # pylint: disable=g-import-not-at-top
 from jaxdiff import ensemble as ens
 from jaxdiff import models
 from jaxdiff import store
+import memory  # pylint: disable=g-import-not-at-top,g-bad-import-order  (benchmarks/memory.py)
 
 _ARCHS = flags.DEFINE_list("archs", ["mlp", "cnn"], "Architectures (keys of ARCHS).")
 _RUNS = flags.DEFINE_list("runs", ["1", "8", "32"], "Ensemble sizes R.")
@@ -115,7 +119,10 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   def epoch():
     state[0], out = engine.train_epoch(state[0], xd, yd, idx, ak, 0)
     jax.block_until_ready((state[0], out))
+  memory.reset_peak_rss()
   seconds = time_fn(epoch, repeats)
+  mem = {"peak_rss_bytes": memory.peak_rss_bytes(), "device_peak_bytes": memory.device_peak_bytes(),
+         "program_bytes": _program_bytes(engine, state[0], xd, yd, idx, ak)}
   # FLOPs of one member step from XLA's cost analysis.
   st1 = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], state[0]))
   lowered = jax.jit(engine.member_step).lower(st1, np.asarray(x), np.asarray(y),
@@ -125,7 +132,23 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   flops = float(cost.get("flops", 0.0)) * steps * num_runs
   devices = f" x{engine.mesh.size}" if engine.mesh is not None else ""
   resolved = engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
-  return seconds, flops, resolved
+  return seconds, flops, resolved, mem
+
+
+def _program_bytes(engine, state, x, y, idx, keys):
+  """Per-device bytes XLA plans for the engine's training program (a looping member's program
+  plus the whole ensemble's state, which stays resident)."""
+  # pylint: disable=protected-access
+  s0 = jnp.int32(0)
+  if engine.resolved_member_strategy == "vmap":
+    if engine.resolved_epoch_loop == "scan":
+      return memory.program_bytes(engine._compiled["vmap_scan"], state, x, y, idx, keys, s0)
+    return memory.program_bytes(engine._compiled["vmap_step"], state, x, y, idx[:, 0], keys, s0)
+  one = jax.tree_util.tree_map(lambda a: a[0], state)
+  args = ((one, x, y, idx[0], keys[0], s0) if engine.resolved_epoch_loop == "scan"
+          else (one, x, y, idx[0], s0, keys[0], s0))
+  state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
+  return memory.program_bytes(engine._compiled["member"], *args) + state_bytes
 
 
 def bench_torch(arch, num_runs, x, y, steps, repeats):
@@ -187,7 +210,7 @@ def main(argv):
         f"(engine sharded over up to {len(jax.devices())}) "
         f"matmul peak={peak / 1e9:.0f} GFLOP/s  shape={_SHAPE.value} steps={steps}/{full_steps}")
   hdr = f"{'arch':<14}{'R':>4}  {'strategy':<12}" + "".join(
-      f"{s + ' ep/s':>13}" for s in _STRATEGIES.value) + f"{'eng/loop':>9}{'eng/torch':>10}{'%peak':>7}"
+      f"{s + ' ep/s':>13}" for s in _STRATEGIES.value) + f"{'eng/loop':>9}{'eng/torch':>10}{'%peak':>7}{'MiB':>7}"
   print(hdr)
   for arch in _ARCHS.value:
     for r in map(int, _RUNS.value):
@@ -199,9 +222,10 @@ def main(argv):
           continue
         if s == "engine":  # the peak next to this timing: a shared host's speed drifts
           before = matmul_peak()
-        t, flops, resolved = bench_jax(arch, r, x, y, steps, s, _REPEATS.value)
+        t, flops, resolved, mem = bench_jax(arch, r, x, y, steps, s, _REPEATS.value)
         row[f"{s}_s"] = t
         if s == "engine":
+          row.update({f"engine_{k}": v for k, v in mem.items()})
           local_peak = max(before, matmul_peak())  # the larger of before and after: conservative
           peak = max(peak, local_peak)
           row["engine_strategy"] = resolved
@@ -216,10 +240,12 @@ def main(argv):
       row["engine_over_torch"] = (row["torch_s"] / row["engine_s"]) if row.get("torch_s") else None
       rows.append(row)
       fmt = lambda v, f: (f % v) if v is not None else "-"
+      mib = lambda b: b / 2**20 if b is not None else None
       print(f"{arch:<14}{r:>4}  {row.get('engine_strategy', '-'):<12}" + "".join(
           f"{fmt(row.get(f'{s}_member_epochs_per_s'), '%.2f'):>13}" for s in _STRATEGIES.value)
             + f"{fmt(row['engine_over_loop'], '%.2fx'):>9}{fmt(row['engine_over_torch'], '%.2fx'):>10}"
-            + f"{fmt(row.get('pct_peak'), '%.0f'):>7}", flush=True)
+            + f"{fmt(row.get('pct_peak'), '%.0f'):>7}"
+            + f"{fmt(mib(row.get('engine_program_bytes')), '%.1f'):>7}", flush=True)
   out = _OUT.value or os.path.join(os.path.dirname(__file__), "results", f"train_{_SHAPE.value}.json")
   store.atomic_write_json(out, {"backend": jax.default_backend(), "matmul_peak_flops": peak,
                                 "engine_devices": len(jax.devices()), "rows": rows})
