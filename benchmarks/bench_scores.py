@@ -83,11 +83,9 @@ def train(arch, num_runs, x, y, num_epochs):
   return engine, state, times, (last, out)
 
 
-_PEAK_RSS = {}  # stage -> peak resident bytes of the process while the stage ran (Linux)
-
-
-def cold_warm(fn, stage=None):
-  """(result, seconds of the first call, median seconds of the next `--repeats` calls)."""
+def cold_warm(fn):
+  """(result, seconds of the first call, median seconds of the next `--repeats` calls, peak
+  resident bytes of the process meanwhile)."""
   memory.reset_peak_rss()
   t = time.perf_counter()
   fn()
@@ -97,9 +95,7 @@ def cold_warm(fn, stage=None):
     t = time.perf_counter()
     out = fn()
     warm.append(time.perf_counter() - t)
-  if stage:
-    _PEAK_RSS[stage] = memory.peak_rss_bytes()
-  return out, cold, float(np.median(warm))
+  return out, cold, float(np.median(warm)), memory.peak_rss_bytes()
 
 
 def bench(arch, num_runs, ds):
@@ -130,27 +126,26 @@ def bench(arch, num_runs, ds):
   t = time.perf_counter()
   record()  # the accumulators' shardings settle after the first update: warm up twice
   cold = time.perf_counter() - t
-  _, _, warm = cold_warm(record, "recording_epoch")
-  timings["recording_epoch"] = (cold, warm)
+  _, _, warm, rss = cold_warm(record)
+  timings["recording_epoch"] = (cold, warm, rss)
   (_, logits), *timings["point"] = cold_warm(lambda: members(
-      lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)), "point")
-  ghost, *timings["grand_ghost"] = cold_warm(lambda: grand("ghost"), "grand_ghost")
+      lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)))
+  ghost, *timings["grand_ghost"] = cold_warm(lambda: grand("ghost"))
   if _GRAND_VMAP.value:
-    ref, *timings["grand_vmap"] = cold_warm(lambda: grand("vmap"), "grand_vmap")
+    ref, *timings["grand_vmap"] = cold_warm(lambda: grand("vmap"))
     row["grand_max_rel_diff"] = float(np.max(np.abs(ghost - ref) / np.maximum(ref, 1e-30)))
   (layers, _), *timings["features"] = cold_warm(lambda: members(
       lambda vv: S.representation.features(apply_fn, vv, x, chunk, include_input=True,
-                                           return_logits=True)), "features")
+                                           return_logits=True)))
   depth, *timings["prediction_depth"] = cold_warm(lambda: S.prediction_depth(
-      layers, y, None, logits.argmax(-1), k=_K.value), "prediction_depth")
-  _, *timings["prototypes"] = cold_warm(lambda: S.prototype_scores(layers[-1], y, 10, seed=0),
-                                        "prototypes")
+      layers, y, None, logits.argmax(-1), k=_K.value))
+  _, *timings["prototypes"] = cold_warm(lambda: S.prototype_scores(layers[-1], y, 10, seed=0))
   row["depth_histogram"] = np.bincount(depth.astype(int).ravel(), minlength=len(layers) + 1
                                        ).tolist()
   row["train_acc"] = float((logits.argmax(-1) == y).mean())
-  for name, (cold, warm) in timings.items():
+  for name, (cold, warm, rss) in timings.items():
     row[f"{name}_cold_s"], row[f"{name}_s"], row[f"{name}_over_epoch"] = cold, warm, warm / epoch
-    row[f"{name}_peak_rss_bytes"] = _PEAK_RSS.get(name)
+    row[f"{name}_peak_rss_bytes"] = rss
   all_scores = ("point", "grand_ghost", "features", "prediction_depth", "prototypes")
   row["all_scores_s"] = sum(row[f"{n}_s"] for n in all_scores)
   row["all_scores_over_epoch"] = row["all_scores_s"] / epoch

@@ -121,6 +121,10 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
     jax.block_until_ready((state[0], out))
   memory.reset_peak_rss()
   seconds = time_fn(epoch, repeats)
+  devices = f" x{engine.mesh.size}" if engine.mesh is not None else ""
+  resolved = engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
+  if strategy != "engine":  # FLOPs and memory are reported for the engine only
+    return seconds, None, resolved, {}
   mem = {"peak_rss_bytes": memory.peak_rss_bytes(), "device_peak_bytes": memory.device_peak_bytes(),
          "program_bytes": _program_bytes(engine, state[0], xd, yd, idx, ak)}
   # FLOPs of one member step from XLA's cost analysis.
@@ -130,8 +134,6 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) * steps * num_runs
-  devices = f" x{engine.mesh.size}" if engine.mesh is not None else ""
-  resolved = engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
   return seconds, flops, resolved, mem
 
 
