@@ -7,11 +7,17 @@ as an uninterrupted run; a workdir written with a different config is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from typing import Any, Mapping
+
+try:
+  import fcntl
+except ImportError:  # Windows
+  fcntl = None
 
 from absl import logging
 import jax
@@ -20,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdiff import checksums
 from jaxdiff import data as data_lib
 from jaxdiff import ensemble as ens
 from jaxdiff import models
@@ -109,6 +116,35 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   store.atomic_write_json(path, resolved)
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive `flock` on `<workdir>/.lock` while a run writes the workdir.
+
+  A second run on the same workdir (a notebook cell run twice, two shells) would interleave
+  checkpoints, metrics and scores, and delete the first's temporaries as stale; it is refused
+  instead. The kernel releases the lock when its holder exits, however it dies (SIGKILL too), so
+  a killed run never blocks its resumption. Without `fcntl` (Windows) nothing is locked.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if fcntl is None:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise ConfigError(f"workdir {workdir!r} is in use by another running job (it holds a lock "
+                        f"on {path}); wait for it to finish, or use another --workdir") from e
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
 class _MetricsLog:
   """metrics.jsonl: rewritten atomically each epoch, so a kill never leaves half a line, and a
   resumed run drops epochs after its checkpoint."""
@@ -157,7 +193,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     a summary dict: final per-member test accuracy `[R]`, diverged `[R]`, dataset fingerprint.
+
+  Raises:
+    ConfigError: a bad config, a workdir of another config, or one another live run holds.
   """
+  with contextlib.ExitStack() as held:  # the workdir's lock, once taken
+    return _train_and_evaluate(config, workdir, arrays, held)
+
+
+def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> dict:
   validate_config(config)
   ds = data_lib.load_dataset(config.data, arrays)
   model = models.build_model(config.model, ds.num_classes)
@@ -189,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
   mask_dev = None if subset_mask is None else engine.shard(jnp.asarray(subset_mask))
   recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir)
-  check_workdir(workdir, config)  # only once everything above has validated
+  held.enter_context(workdir_lock(workdir))  # only once everything above has validated
+  check_workdir(workdir, config)
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
@@ -204,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed %s from epoch %d", workdir, start_epoch)
   log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_epoch)
   every = config.get("checkpoint_every", 1) or num_epochs
+  unsealed = None  # the step saved last, whose checksums are not written yet
 
   for epoch in range(start_epoch + 1, num_epochs + 1):
     t0 = time.perf_counter()
@@ -222,8 +268,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"all {num_runs} members diverged (non-finite loss) by epoch {epoch}; first at steps "
           f"{np.asarray(state.diverged_step).tolist()}. Lower optim.lr={config.optim.lr}?")
     if epoch % every == 0 or epoch == num_epochs:
+      _seal(mngr, unsealed)  # the previous save, finished by now or waited for here
       mngr.save(epoch, args=ocp.args.StandardSave({"state": state, "recorder": recorder.state}))
-  mngr.wait_until_finished()
+      unsealed = epoch
+  _seal(mngr, unsealed)
 
   meta = {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
           "arch": config.get("arch_label") or _arch_label(config.model), "seed": config.seed,
@@ -271,15 +319,24 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
   return buf.getvalue()
 
 
+def _seal(mngr: ocp.CheckpointManager, step: int | None) -> None:
+  """Waits for the save of `step` (Orbax saves asynchronously) and writes its checksums."""
+  mngr.wait_until_finished()
+  if step is not None and step in mngr.all_steps():
+    checksums.write(os.path.join(str(mngr.directory), str(step)))
+
+
 def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
   """Restores the newest checkpoint that reads back, falling back to older ones.
 
-  Orbax writes a step atomically, but a file inside it can still be lost or truncated later (a
-  disk error, a copy cut short). An unreadable newer step is moved to
+  Orbax writes a step atomically, but a file inside it can still be lost, truncated or changed
+  later (a disk error, a copy cut short, a flipped bit). Each step's files are checked against
+  the SHA-256 recorded once its save finished (`jaxdiff.checksums`; Orbax keeps no checksums of
+  array data) and then restored. A step that fails either is moved to
   `<workdir>/corrupt_checkpoints/<step>` (kept for inspection; its step number is then free to be
   written again) and training resumes from the older step, which gives the same final result
-  (training is deterministic), only later. Orbax keeps no checksums of array data, so a flipped
-  byte inside an array file is not detected.
+  (training is deterministic), only later. A step without checksums (the run was killed between
+  Orbax's write and theirs) is trusted if it restores, and gets them then.
 
   Returns:
     (epoch, restored pytree), or (0, None) when the workdir has no checkpoint.
@@ -289,11 +346,15 @@ def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
   """
   failures = []
   for step in sorted(mngr.all_steps(), reverse=True):
+    step_dir = os.path.join(str(mngr.directory), str(step))
     try:
+      verified = checksums.verify(step_dir)
       restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
       failures.append((step, e))
       continue
+    if not verified:
+      checksums.write(step_dir)
     for bad, e in failures:
       src = os.path.join(str(mngr.directory), str(bad))
       dest = os.path.join(workdir, "corrupt_checkpoints", str(bad))

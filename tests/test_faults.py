@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from jaxdiff import checksums
 from jaxdiff import store
 from jaxdiff import train
 import kill_harness as kh
@@ -152,6 +153,51 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, c
   assert os.path.join(wd, "corrupt_checkpoints", "6") in log
   assert os.path.isdir(os.path.join(wd, "corrupt_checkpoints", "6", "default"))
   assert kh.compare_finished(wd, reference, ignore=("corrupt_checkpoints",)) == []
+
+
+def _flip_byte(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_flipped_byte_in_latest_checkpoint_is_caught(reference, tmp_path, cache_dir):
+  """One flipped bit inside an array file of the newest checkpoint, which Orbax alone restores
+  without complaint: its checksum catches it, the step is moved aside, training resumes from the
+  one before and ends with the reference's result bit for bit."""
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  step6 = os.path.join(wd, "checkpoints", "6")
+  assert checksums.verify(step6)  # every finished step has its checksums
+  target = _largest_array_file(step6)
+  _flip_byte(target)
+  # Orbax alone reads the step back without an error, with different numbers in it.
+  assert not kh.trees_equal(kh.restore_step(wd, 6), kh.restore_step(reference, 6))
+  with pytest.raises(checksums.ChecksumError, match="does not match the SHA-256"):
+    checksums.verify(step6)
+  out = kh.run(kh.train_command(wd), kh.child_env(cache_dir, 5), wd, None, str(tmp_path / "log"))
+  assert out.returncode == 0, out.stderr_tail
+  log = (tmp_path / "log").read_text()
+  assert "checkpoint of epoch 6 is unreadable (ChecksumError" in log and "resumed from epoch 5" in log
+  assert kh.compare_finished(wd, reference, ignore=("corrupt_checkpoints",)) == []
+  assert checksums.verify(os.path.join(wd, "checkpoints", "6"))  # rewritten, with checksums
+
+
+def test_checkpoint_without_checksums_is_trusted_and_sealed(reference, tmp_path, cache_dir):
+  """A run killed between Orbax's write and the checksums': the step restores, gets its
+  checksums, and the result is unchanged."""
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  manifest = os.path.join(wd, "checkpoints", "6", checksums.MANIFEST_FILE)
+  os.remove(manifest)
+  assert not checksums.verify(os.path.dirname(manifest))
+  out = kh.run(kh.train_command(wd), kh.child_env(cache_dir, 6), wd, None, str(tmp_path / "log"))
+  assert out.returncode == 0, out.stderr_tail
+  assert "unreadable" not in (tmp_path / "log").read_text()
+  assert checksums.verify(os.path.dirname(manifest))
+  assert kh.compare_finished(wd, reference) == []
 
 
 def test_no_readable_checkpoint_is_refused(reference, tmp_path, cache_dir):
@@ -355,3 +401,26 @@ def test_read_only_output_directory_is_refused(tmp_path):
     assert os.listdir(parent) == []
   finally:
     parent.chmod(0o755)
+
+
+def test_workdir_in_use_by_a_live_run_is_refused(tmp_path):
+  """Another process holding the workdir's lock (a run still going): a clear error naming the
+  workdir and nothing written; once that process is gone, the same call trains."""
+  wd = str(tmp_path / "wd")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, sys, time\n"
+       f"os.makedirs({wd!r}, exist_ok=True)\n"
+       f"fd = os.open(os.path.join({wd!r}, '.lock'), os.O_RDWR | os.O_CREAT)\n"
+       "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(600)\n"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(train.ConfigError, match=f"workdir '{wd}' is in use by another running job"):
+      train.train_and_evaluate(tiny_config("mlp", num_epochs=1), wd)
+    assert os.listdir(wd) == [".lock"]
+  finally:
+    holder.kill()  # SIGKILL: the kernel releases its lock
+    holder.wait()
+  out = train.train_and_evaluate(tiny_config("mlp", num_epochs=1), wd)
+  assert out["test_acc"].shape == (3,)
+  assert os.path.exists(os.path.join(wd, "scores", "meta.json"))
