@@ -261,7 +261,7 @@ class Engine:
     """Runs one epoch for every member.
 
     Args:
-      state: stacked MemberState `[R]`.
+      state: stacked MemberState `[R]`; donated (updated in place: use the returned state).
       x_all, y_all: the training set on device, `[N, ...]` and `[N]`.
       idx: int32 `[R, S, B]`, each member's batches for this epoch.
       aug_keys: `[R]` augmentation keys.
@@ -335,12 +335,18 @@ class Engine:
     return jax.jit(step, donate_argnums=(0,))
 
   def _loop_epoch(self, state, x_all, y_all, idx, aug_keys, step0):
+    """Members one after another, each taken out of the stacked state and written back in place
+    (the stacked state is donated), so memory holds the ensemble once plus one member's working
+    set: collecting the members and stacking them again held it three times (15 GiB for 128
+    CIFAR-shaped MLPs of width 1024, BENCHMARKS.md)."""
     fn = self._get("member", self._member_fn)
+    take, put = self._get("take", _take_fn), self._get("put", _put_fn)
     num_runs, num_steps = idx.shape[:2]
     step0 = jnp.int32(step0)
-    members, outs = [], []
+    outs = []
     for r in range(num_runs):
-      st = jax.tree_util.tree_map(lambda a: a[r], state)  # pylint: disable=cell-var-from-loop
+      r_ = jnp.int32(r)  # traced: one compilation for every member
+      st = take(state, r_)
       idx_r, key_r = idx[r], aug_keys[r]
       if self.resolved_epoch_loop == "scan":
         st, out = fn(st, x_all, y_all, idx_r, key_r, step0)
@@ -350,10 +356,9 @@ class Engine:
           st, o = fn(st, x_all, y_all, idx_r, jnp.int32(s), key_r, step0)
           steps.append(o)
         out = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *steps)
-      members.append(st)
+      state = put(state, st, r_)
       outs.append(out)
-    stack = lambda *a: jnp.stack(a)
-    return (jax.tree_util.tree_map(stack, *members), jax.tree_util.tree_map(stack, *outs))
+    return state, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
   # ------------------------------------------------------------------ evaluation
 
@@ -411,6 +416,20 @@ def member_chunk_size(num_members: int, chunk: int) -> int:
     return num_members
   g = max(d for d in range(1, chunk + 1) if num_members % d == 0)
   return g if 2 * g >= chunk else num_members
+
+
+def _take_fn():
+  """Jitted `take(stacked, r)`: member r of a stacked tree."""
+  return jax.jit(lambda tree, r: jax.tree_util.tree_map(
+      lambda a: jax.lax.dynamic_index_in_dim(a, r, keepdims=False), tree))
+
+
+def _put_fn():
+  """Jitted `put(stacked, member, r)`: the stacked tree with member r replaced, in place (the
+  stacked tree is donated)."""
+  return jax.jit(lambda tree, member, r: jax.tree_util.tree_map(
+      lambda a, m: jax.lax.dynamic_update_index_in_dim(a, m, r, 0), tree, member),
+                 donate_argnums=(0,))
 
 
 def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_conv: bool,

@@ -192,15 +192,19 @@ def test_nan_member_does_not_affect_others(strategy, loop):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_no_recompilation_after_first_epoch():
-  eng, st, ds, dk, ak, bs = _setup("mlp", 2, "vmap", "scan")
+@pytest.mark.parametrize("strategy,loop,compiled", [
+    ("vmap", "scan", {"vmap_scan": 1}),
+    # Members one by one: one program for every member (the member index is traced).
+    ("loop", "scan", {"member": 1, "take": 1, "put": 1})])
+def test_no_recompilation_after_first_epoch(strategy, loop, compiled):
+  eng, st, ds, dk, ak, bs = _setup("mlp", 3, strategy, loop)
   st = _run_epochs(eng, st, ds, dk, ak, bs, epochs=1)
   sizes = {k: f._cache_size() for k, f in eng._compiled.items()}  # pylint: disable=protected-access
   x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   for e in (2, 3):
     idx = data_lib.epoch_permutations(dk, e, ds.num_train, bs)
     st, _ = eng.train_epoch(st, x, y, idx, ak, e * 8)
-  assert {k: f._cache_size() for k, f in eng._compiled.items()} == sizes == {"vmap_scan": 1}
+  assert {k: f._cache_size() for k, f in eng._compiled.items()} == sizes == compiled
 
 
 def test_optimizer_and_strategy_errors():
