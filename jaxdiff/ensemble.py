@@ -383,10 +383,11 @@ class Engine:
     variables = self.variables(state)
     if self.resolved_member_strategy == "loop" and self.mesh is None:
       fn = self._get("eval_member", lambda: jax.jit(lambda v, xc: self.apply_fn(v, xc)[0]))
+      take = self._get("take", _take_fn)
       num_runs = state.diverged.shape[0]
       per_member = []
       for r in range(num_runs):
-        v = jax.tree_util.tree_map(lambda a: a[r], variables)  # pylint: disable=cell-var-from-loop
+        v = take(variables, jnp.int32(r))  # one dispatch, not one slice per leaf
         per_member.append(jnp.concatenate(
             [fn(v, xp[i * chunk:(i + 1) * chunk]) for i in range(num_chunks)]))
       out = jnp.stack(per_member)

@@ -332,3 +332,18 @@ def test_split_cpu_gives_devices_and_looped_members_stay_on_one():
       assert ens.split_cpu(2) is None and len(jax.devices()) == 3, jax.devices()
       print("OK")
   """, xla_flags="--xla_force_host_platform_device_count=3")
+
+
+def test_logits_loop_equals_vmap():
+  """`Engine.logits` member by member (the loop strategy) against all members vmapped, and against
+  one member's own forward pass; with a chunk that does not divide the examples."""
+  eng, st, ds, dk, ak, bs = _setup("mlp", 3, "loop", "scan")
+  st = _run_epochs(eng, st, ds, dk, ak, bs, epochs=1)
+  x = ds.x_train[:70]
+  looped = np.asarray(eng.logits(st, x, chunk_size=32))
+  vmapped = ens.Engine(eng.model, eng.tx, member_strategy="vmap")
+  vmapped._resolve(st.params)  # pylint: disable=protected-access
+  np.testing.assert_allclose(looped, np.asarray(vmapped.logits(st, x, chunk_size=32)),
+                             rtol=1e-5, atol=1e-5)
+  one = eng.apply_fn(_member(eng.variables(st), 2), jnp.asarray(x))[0]
+  np.testing.assert_allclose(looped[2], np.asarray(one), rtol=1e-5, atol=1e-5)
