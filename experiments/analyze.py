@@ -16,13 +16,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from absl import app
 from absl import flags
 from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
-from jaxdiff import study  # pylint: disable=g-import-not-at-top
+from jaxdiff import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs (each with scores/ and config.json).")
@@ -61,14 +60,12 @@ def main(argv):
   del argv
   sets = analysis.load_workdirs(FLAGS.workdirs)
   logging.info("analysing %s", {k: v.num_runs for k, v in sets.items()})
-  names = FLAGS.scores
   notes = []
-  if not names:  # all usable scores: drop bookkeeping, non-finite (*_inf) and constant ones
-    names, dropped = study.usable_scores(sets)
-    notes.append("Scores left out: " + "; ".join(f"{k} ({v})" for k, v in sorted(dropped.items())))
+  # Without --scores, analyze() leaves out bookkeeping, non-finite (*_inf) and constant scores and
+  # lists them with their reason in report.md.
   result = analysis.analyze(
-      sets, scores=names, primary_score=FLAGS.primary_score, num_draws=FLAGS.num_draws,
-      kendall_draws=FLAGS.kendall_draws, fractions=[float(f) for f in FLAGS.fractions],
+      sets, scores=FLAGS.scores or None, primary_score=FLAGS.primary_score,
+      num_draws=FLAGS.num_draws, kendall_draws=FLAGS.kendall_draws, fractions=[float(f) for f in FLAGS.fractions],
       alpha=FLAGS.alpha, num_permutations=FLAGS.num_permutations, top_m=FLAGS.top_m,
       num_workers=FLAGS.num_workers, seed=FLAGS.seed)
   inputs = None
@@ -83,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

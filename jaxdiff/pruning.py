@@ -117,8 +117,10 @@ def kept_indices(scores: np.ndarray | None, condition: Condition, *, single_run:
   """Positions (sorted, int64 `[K]`) of the examples kept under `condition`.
 
   K = N - round(fraction N). "hardest" keeps the K highest scores (prunes the easiest, as Paul et
-  al. 2021 do), "easiest" the K lowest; ties are broken by a permutation seeded by `seed`, so a
-  0/1 score is not pruned by example order. "random" keeps a seeded uniform subset of size K.
+  al. 2021 do), "easiest" the K lowest; ties are broken by a permutation seeded by `seed` and the
+  fraction (uniformly random among the tied examples at the cut), so a discrete score (forgetting
+  events, 0/1 correctness) is not pruned by example order. "random" keeps a seeded uniform subset
+  of size K.
 
   Args:
     scores: `[R, N]` (may be None for "full" and "random" when `num_examples` is given).
@@ -290,17 +292,26 @@ def averaging_effect(results: pd.DataFrame) -> pd.DataFrame:
 
 def subset_overlap(scores: np.ndarray, fractions: Sequence[float], keep: Sequence[str] = KEEP, *,
                    single_run: int = 0, seed: int = 0) -> pd.DataFrame:
-  """|kept(single) & kept(mean)| / K per fraction and side: how much the single-run choice of
-  examples differs from the averaged one (random subsets of the same size overlap K / N)."""
+  """E|kept(single) & kept(mean)| / K per fraction and side: how much the single-run choice of
+  examples differs from the averaged one (random subsets of the same size overlap K / N).
+
+  The expectation is over independent uniformly random tie-breaks of the two rankings
+  (`analysis.agreement.selection_probabilities`), so a tied score does not agree with itself only
+  through a shared tie order; without ties it is the overlap of the two kept sets. `seed` is
+  unused (kept for callers).
+  """
+  from jaxdiff.analysis import agreement  # pylint: disable=g-import-not-at-top
+  del seed
   rows = []
   n = np.shape(scores)[1]
   for f in fractions:
+    size = num_kept(n, check_fraction(f))
     for k in keep:
-      a = kept_indices(scores, Condition("single", k, f), single_run=single_run, seed=seed)
-      b = kept_indices(scores, Condition("mean", k, f), single_run=single_run, seed=seed)
-      rows.append(dict(fraction=float(f), keep=k, kept=int(a.size),
-                       overlap=float(np.intersect1d(a, b).size / a.size),
-                       chance=float(a.size / n)))
+      pa, pb = (agreement.selection_probabilities(ranking_score(scores, m, single_run), size, k)
+                for m in ("single", "mean"))
+      rows.append(dict(fraction=float(f), keep=k, kept=size,
+                       overlap=float(agreement.expected_overlap(pa, pb, size)),
+                       chance=float(size / n)))
   return pd.DataFrame(rows)
 
 

@@ -34,13 +34,14 @@ import numpy as np
 import pandas as pd
 
 from jaxdiff import store
+from jaxdiff.analysis import report as report_lib
 
 # Score used for figures, sensitivity, fingerprint and pruning when the config names none: the first
 # of these that the runs recorded. EL2N is the pruning score of Paul et al. (2021); AUM, the mean
 # training loss and the final loss are the fallbacks as the recorded set grows or shrinks.
 PRIMARY_PREFERENCE = ("el2n", "aum", "mean_loss", "loss")
 # Files in a score folder that are bookkeeping, not difficulty scores.
-NOT_SCORES = frozenset({"mb_presentations"})
+NOT_SCORES = report_lib.NOT_SCORES
 SECTIONS = ("Reliability of single runs and of n-run means", "Agreement between scores",
             "Architecture-sensitive examples", "Architecture fingerprint", "Dataset pruning")
 
@@ -263,30 +264,10 @@ def usable_scores(sets: Mapping[str, store.ScoreSet],
       raise StudyError(f"requested scores are not recorded by every architecture: {missing}; "
                        f"recorded: {all_names}")
     all_names = sorted(requested)
-  kept, dropped = [], {}
-  for name in all_names:
-    if name in NOT_SCORES:
-      dropped[name] = "bookkeeping, not a difficulty score"
-      continue
-    lacking = [a for a, s in sets.items() if name not in s.scores]
-    if lacking:
-      dropped[name] = f"not recorded by {lacking}"
-      continue
-    reason = None
-    for a, s in sets.items():
-      v = s.get(name)
-      if v.shape[0] < 2:
-        reason = f"{a} has {v.shape[0]} valid run(s)"
-      elif not np.isfinite(v).all():
-        reason = f"non-finite values in {a}"
-      elif np.ptp(v.mean(axis=0, dtype=np.float64)) == 0:
-        reason = f"constant over examples in {a}"
-      if reason:
-        break
-    if reason:
-      dropped[name] = reason
-    else:
-      kept.append(name)
+  dropped = {n: f"not recorded by {[a for a, s in sets.items() if n not in s.scores]}"
+             for n in all_names if any(n not in s.scores for s in sets.values())}
+  dropped.update(report_lib.score_problems(sets, [n for n in all_names if n not in dropped]))
+  kept = [n for n in all_names if n not in dropped]
   if not kept:
     raise StudyError(f"no usable score: {dropped}")
   return kept, dropped
@@ -372,9 +353,11 @@ def _safe(name: str) -> str:
 
 def run_analysis(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
                  names: Sequence[str], primary: str, out: str, key: str,
-                 x: np.ndarray | None = None, kind: str | None = None) -> bool:
+                 x: np.ndarray | None = None, kind: str | None = None,
+                 dropped: Mapping[str, str] | None = None) -> bool:
   """Reliability, agreement and sensitivity (`analysis.analyze`) written to `out`; skipped when
-  `out` holds the result for the same inputs. Returns True if it ran."""
+  `out` holds the result for the same inputs. `dropped` (score -> reason) is listed in its
+  report.md. Returns True if it ran."""
   from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
   if _stage_done(out, key):
     logging.info("[study] analysis: up to date in %s, skipped", out)
@@ -384,7 +367,8 @@ def run_analysis(config: ml_collections.ConfigDict, sets: Mapping[str, store.Sco
   res = analysis.analyze(sets, scores=list(names), primary_score=primary, num_draws=a.num_draws,
                          kendall_draws=a.kendall_draws, fractions=tuple(a.fractions),
                          alpha=a.alpha, num_permutations=a.num_permutations,
-                         methods=tuple(a.methods), num_workers=a.num_workers, seed=a.seed)
+                         methods=tuple(a.methods), num_workers=a.num_workers, seed=a.seed,
+                         dropped=dropped)
   analysis.write_report(res, out, x=x, kind=kind)
   _mark_done(out, key, time.perf_counter() - t0)
   add_timing(os.path.dirname(os.path.dirname(out)), time.perf_counter() - t0, "analysis")
@@ -1023,7 +1007,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   analysis_dir = os.path.join(out, "analysis")
   run_analysis(config, sets, score_names, primary, analysis_dir,
                _digest([key, config.analysis.to_dict(), score_names, primary]),
-               x=ds.x_train, kind=ds.kind)
+               x=ds.x_train, kind=ds.kind, dropped=dropped)
   timings["analysis"] = time.perf_counter() - t0
 
   fp_dir, fp_score = None, None

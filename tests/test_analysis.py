@@ -529,3 +529,183 @@ def test_gallery_drawn_from_the_workdir_dataset(tmp_path):
   assert "![gallery](figures/gallery.png)" in (tmp_path / "report" / "report.md").read_text()
   with pytest.raises(ValueError, match="example ids reach 399 but the inputs have 300 rows"):
     A.write_report(result, str(tmp_path / "report2"), x=x[:300], kind=kind)
+
+
+# ----------------------------------------------------------------------------- issue 17: ties
+
+
+def _mc_overlap(x, y, k, side, trials, seed=0):
+  """Monte-Carlo reference: mean |A & B| / k over independent uniformly random tie-breaks."""
+  rng = np.random.default_rng(seed)
+  n = x.shape[-1]
+  key = (lambda v: -v) if side == "hardest" else (lambda v: v)
+  total = 0.0
+  for _ in range(trials):
+    a = set(np.lexsort((rng.permutation(n), key(x)))[:k])
+    b = set(np.lexsort((rng.permutation(n), key(y)))[:k])
+    total += len(a & b) / k
+  return total / trials
+
+
+def test_topk_overlap_of_tied_scores_is_the_random_tie_break_expectation():
+  # Two independent runs of a forgetting-like count: ~74% of examples tie at 0. Index tie-breaking
+  # (the old behaviour) made both runs pick the same lowest-index zeros (overlap ~1).
+  rng = np.random.default_rng(20)
+  n = 2000
+  x, y = rng.poisson(0.3, size=(2, n)).astype(np.float32)
+  for side in ("easiest", "hardest"):
+    got = float(A.topk_overlap(x, y, 0.1, side))
+    ref = _mc_overlap(x, y, 200, side, trials=300)
+    assert got == pytest.approx(ref, abs=0.006), side
+    assert got == pytest.approx(0.1, abs=0.03), side  # independent runs: near chance
+  # The same through run_overlap and the score-by-score matrix.
+  runs = rng.poisson(0.3, size=(8, n)).astype(np.float32)
+  for row in A.run_overlap(runs, (0.1, 0.3)):
+    assert row["mean"] == pytest.approx(row["fraction"], abs=0.03), row
+  m = A.overlap_matrix(runs[:3], 0.1, "easiest")
+  assert m[0, 1] == pytest.approx(A.topk_overlap(runs[0], runs[1], 0.1, "easiest"))
+  assert m[0, 1] == pytest.approx(0.1, abs=0.03)
+
+
+def test_topk_overlap_hand_worked_with_and_without_ties():
+  x = np.array([5.0, 4, 3, 2, 1])
+  y = np.array([5.0, 3, 4, 1, 2])
+  # k = 2: hardest {0, 1} vs {0, 2}; easiest {3, 4} vs {3, 4}.
+  assert A.topk_overlap(x, y, 0.4, "hardest") == pytest.approx(0.5)
+  assert A.topk_overlap(x, y, 0.4, "easiest") == pytest.approx(1.0)
+  # k = 2 of [1, 1, 1, 0]: each of the three 1s is picked with probability 2/3; of [1, 0, 0, 0]:
+  # example 0 surely, each 0 with 1/3. E|A & B| = 2/3 * 1 + 2/3 * 1/3 + 2/3 * 1/3 = 10/9.
+  a = np.array([1.0, 1, 1, 0])
+  b = np.array([1.0, 0, 0, 0])
+  assert A.topk_overlap(a, b, 0.5, "hardest") == pytest.approx(5 / 9)
+  np.testing.assert_allclose(A.selection_probabilities(a, 2, "hardest"), [2 / 3, 2 / 3, 2 / 3, 0])
+  np.testing.assert_allclose(A.selection_probabilities(b, 2, "hardest"), [1, 1 / 3, 1 / 3, 1 / 3])
+  np.testing.assert_allclose(A.selection_probabilities(b, 1, "easiest"), [0, 1 / 3, 1 / 3, 1 / 3])
+
+
+def test_difficulty_extremes_break_ties_at_random(tmp_path):
+  # A primary score where 90% of examples tie at the easiest value: the easiest list must be drawn
+  # from the whole tied group, not be its first ids.
+  rng = np.random.default_rng(21)
+  n = 400
+  s = np.zeros((4, n), np.float32)
+  s[:, :40] = rng.integers(1, 5, size=(4, 40))
+  s = s[:, rng.permutation(n)]
+  loss = rng.standard_normal((4, n)).astype(np.float32)
+  ss = store.ScoreSet(scores=dict(forgetting_events=s, loss=loss), example_ids=np.arange(n),
+                      labels=np.zeros(n, int), meta=dict(num_runs=4))
+  res = A.analyze({"mlp": ss}, primary_score="forgetting_events", num_draws=2, kendall_draws=0,
+                  methods=("spearman",), top_m=20)
+  ext = res.tables["difficulty_extremes"]
+  easy = ext[ext.group == "easiest"]["index"].to_numpy()
+  assert (s.mean(0)[easy] == 0).all()
+  tied = np.flatnonzero(s.mean(0) == 0)
+  assert not np.array_equal(np.sort(easy), tied[:20])  # not the lowest indices of the tie
+
+
+# ----------------------------------------------------------------------------- issue 17: reliability
+
+
+def _near_constant(seed=0, runs=16, n=3000):
+  # ~97% of examples are 0 in every run (as prediction depth on digits); a 2% set is always
+  # non-zero and 1% of the rest are 1 at random in each run.
+  rng = np.random.default_rng(seed)
+  s = np.zeros((runs, n), np.float32)
+  hard = rng.uniform(size=n) < 0.02
+  s[:, hard] = rng.integers(1, 4, size=(runs, hard.sum()))
+  s[rng.uniform(size=(runs, n)) < 0.01] = 1
+  return s
+
+
+def test_runs_needed_flags_a_near_constant_score():
+  s = _near_constant()
+  curve = A.reliability_curve(s, num_draws=10, kendall_draws=0)
+  measured = curve.split["spearman"].mean(1)
+  assert measured[-1] < measured[0]  # the premise: measured reliability falls with n
+  rows = [r for r in A.runs_needed_table(curve) if r["metric"] == "spearman"]
+  for r in rows:
+    assert "falls as runs are added" in r["flag"]
+    assert "Spearman-Brown" in r["flag"]
+    assert "share one value" in r["flag"]
+  # The tie share is the mean over runs of the largest share of examples with one value.
+  ref = np.mean([np.unique(row, return_counts=True)[1].max() / row.size for row in s])
+  assert curve.tie_share == pytest.approx(ref)
+  # A well-behaved score is not flagged.
+  rng = np.random.default_rng(1)
+  ok = A.reliability_curve(_truth_plus_noise(rng, 16, 2000, 1.0, 1.0), num_draws=10,
+                           kendall_draws=0)
+  assert all(r["flag"] == "" for r in A.runs_needed_table(ok))
+
+
+def test_report_flags_a_near_constant_score_instead_of_extrapolating(tmp_path):
+  rng = np.random.default_rng(22)
+  n = 3000
+  ss = store.ScoreSet(scores=dict(prediction_depth=_near_constant(n=n),
+                                  loss=_truth_plus_noise(rng, 16, n, 1.0, 1.0)),
+                      example_ids=np.arange(n), labels=np.zeros(n, int), meta=dict(num_runs=16))
+  res = A.analyze({"mlp": ss}, num_draws=4, kendall_draws=0, methods=("spearman",))
+  need = res.tables["runs_needed"]
+  assert (need[need.score == "prediction_depth"].flag != "").all()
+  assert (need[need.score == "loss"].flag == "").all()
+  A.write_report(res, str(tmp_path / "r"), figures=False)
+  md = (tmp_path / "r" / "report.md").read_text()
+  line = next(l for l in md.splitlines() if l.startswith("| mlp | prediction_depth"))
+  assert "flagged" in line
+  assert "Flagged: `prediction_depth` (mlp)" in md
+
+
+# ----------------------------------------------------------------------------- issue 17: dropped
+
+
+def test_analyze_reports_the_scores_it_drops(tmp_path):
+  rng = np.random.default_rng(23)
+  n = 300
+  good = rng.standard_normal((4, n)).astype(np.float32)
+  inf = good.copy()
+  inf[:, :5] = np.inf
+  ss = store.ScoreSet(scores=dict(loss=good, el2n=good + 1, forgetting_events_inf=inf,
+                                  mb_presentations=np.ones((4, n), np.float32),
+                                  const=np.ones((4, n), np.float32)),
+                      example_ids=np.arange(n), labels=np.zeros(n, int), meta=dict(num_runs=4))
+  res = A.analyze({"mlp": ss}, num_draws=2, kendall_draws=0, methods=("spearman",))
+  assert set(res.dropped) == {"forgetting_events_inf", "mb_presentations", "const"}
+  assert "non-finite" in res.dropped["forgetting_events_inf"]
+  assert set(res.tables["reliability"].score) == {"el2n", "loss"}
+  A.write_report(res, str(tmp_path / "r"), figures=False)
+  md = (tmp_path / "r" / "report.md").read_text()
+  assert "Scores left out" in md and "`forgetting_events_inf` (non-finite values in mlp" in md
+  # A caller that chose the scores itself passes its reasons on.
+  res = A.analyze({"mlp": ss}, scores=["loss", "el2n"], dropped={"x": "why"}, num_draws=2,
+                  kendall_draws=0, methods=("spearman",))
+  assert res.dropped == {"x": "why"}
+  with pytest.raises(ValueError, match=r"forgetting_events_inf.*non-finite"):
+    A.analyze({"mlp": ss}, scores=["loss", "forgetting_events_inf"], num_draws=2)
+
+
+# ----------------------------------------------------------------------------- issue 16: validation
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(alpha=2.0), r"alpha=2.0.*\(0, 1\)"),
+    (dict(alpha=0.0), r"alpha=0.0.*\(0, 1\)"),
+    (dict(top_m=-1), r"top_m=-1.*>= 1"),
+    (dict(num_draws=0), r"num_draws=0.*>= 1"),
+    (dict(num_permutations=-3), r"num_permutations=-3.*>= 0"),
+])
+def test_analyze_refuses_bad_settings(kwargs, match):
+  ss = store.ScoreSet(scores=dict(loss=np.random.default_rng(0).standard_normal((4, 50))),
+                      example_ids=np.arange(50), labels=np.zeros(50, int), meta=dict(num_runs=4))
+  with pytest.raises(ValueError, match=match):
+    A.analyze({"mlp": ss}, **kwargs)
+
+
+def test_analyze_script_refuses_bad_alpha_and_top_m(tmp_path):
+  wds = _fake_workdirs(tmp_path, ["mlp"], n=100, runs=4)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  for flag, text in (("--alpha=2", "alpha=2.0"), ("--top_m=-1", "top_m=-1")):
+    out = tmp_path / ("r" + flag[2:5])
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "analyze.py"), f"--workdirs={wds[0]}",
+           f"--out={out}", "--num_draws=2", "--gallery=false", flag]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and text in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()  # refused before anything is written

@@ -225,6 +225,29 @@ def test_kept_indices_match_a_python_loop():
   assert full.tolist() == list(range(50))
 
 
+def test_subset_overlap_of_a_tied_score_is_the_random_tie_break_expectation():
+  # A single run of a forgetting-like count (most examples tie at 0) against the mean of runs:
+  # the overlap of the kept sets must not come from one tie order shared by both rankings.
+  rng = np.random.default_rng(3)
+  n = 1000
+  s = rng.poisson(0.3, size=(4, n)).astype(np.float32)
+  got = pruning.subset_overlap(s, (0.5,), ("easiest",))
+  k = pruning.num_kept(n, 0.5)
+  single, mean = s[0], s.mean(0, dtype=np.float64)
+  trials, total = 200, 0.0
+  for t in range(trials):  # Monte-Carlo reference: independent random tie-breaks
+    a = set(np.lexsort((rng.permutation(n), single))[:k])
+    b = set(np.lexsort((rng.permutation(n), mean))[:k])
+    total += len(a & b) / k
+  assert got.overlap.item() == pytest.approx(total / trials, abs=0.005)
+  # Without ties: the plain overlap of the two kept sets.
+  x = rng.standard_normal((3, 200))
+  got = pruning.subset_overlap(x, (0.3,), ("hardest",))
+  a = pruning.kept_indices(x, pruning.Condition("single", "hardest", 0.3))
+  b = pruning.kept_indices(x, pruning.Condition("mean", "hardest", 0.3))
+  assert got.overlap.item() == pytest.approx(np.intersect1d(a, b).size / a.size)
+
+
 def test_conditions_and_bad_input():
   names = [c.name for c in pruning.conditions((0.1, 0.5))]
   assert names == ["full", "single_hardest_p10", "single_easiest_p10", "mean_hardest_p10",

@@ -85,17 +85,44 @@ def _k(fraction: float, n: int) -> int:
   return max(1, int(round(check_fraction(fraction) * n)))
 
 
-def _mask(ranks: np.ndarray, fraction: float, side: str) -> np.ndarray:
-  n = ranks.shape[-1]
-  k = _k(fraction, n)
-  return ranks >= n - k if check_side(side) == "hardest" else ranks < k
+def selection_probabilities(x: np.ndarray, k: int, side: str = "hardest") -> np.ndarray:
+  """Probability that each example is among the k hardest (largest) or easiest (smallest) of its row
+  when ties are broken uniformly at random.
+
+  Examples strictly beyond the k-th value are selected surely; the g examples tied at the k-th
+  value share the s slots left, each with probability s / g; the others never. Discrete scores
+  (forgetting events, learning time, prediction depth, correctness) tie heavily, and a fixed
+  tie order (e.g. by example index) would make every run pick the same tied examples.
+
+  Args:
+    x: `[..., N]` finite scores (higher = harder).
+    k: how many are selected, in [1, N].
+    side: "hardest" or "easiest".
+
+  Returns:
+    float64 `[..., N]`, each row summing to k.
+  """
+  x = np.asarray(x, np.float64)  # exact for float32 and int scores: ties stay ties
+  n = x.shape[-1]
+  if not 1 <= k <= n:
+    raise ValueError(f"k={k} must be in [1, {n}]")
+  if check_side(side) == "easiest":
+    x = -x
+  # The k-th largest value of each row (one O(N) partition per row, no full sort).
+  v = np.partition(x, n - k, axis=-1)[..., n - k:n - k + 1]
+  above = x > v
+  tied = x == v
+  slots = k - above.sum(-1, keepdims=True)
+  return np.where(above, 1.0, np.where(tied, slots / tied.sum(-1, keepdims=True), 0.0))
 
 
 def top_fraction_mask(x: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
   """Bool mask of the k = max(1, round(fraction N)) hardest (largest) or easiest (smallest) ones.
 
   Uses the higher-is-harder sign convention of jaxdiff scores. Ties at the k-th value are broken
-  arbitrarily (so exactly k examples are selected), as a pruning user's sort would.
+  by the sort (so exactly k examples are selected), which is a fixed order, not a random one: to
+  measure overlaps use `topk_overlap` / `selection_probabilities`, and to choose a subset with
+  random tie-breaking `jaxdiff.pruning.kept_indices`.
 
   Args:
     x: `[..., N]`.
@@ -107,24 +134,36 @@ def top_fraction_mask(x: np.ndarray, fraction: float, side: str = "hardest") -> 
   """
   check_fraction(fraction)
   check_side(side)
-  return _mask(correlation.ordinal_ranks(x), fraction, side)
+  ranks = correlation.ordinal_ranks(x)
+  n = ranks.shape[-1]
+  k = _k(fraction, n)
+  return ranks >= n - k if side == "hardest" else ranks < k
+
+
+def expected_overlap(pa: np.ndarray, pb: np.ndarray, k: int) -> np.ndarray:
+  """E|A & B| / k for selections drawn independently with probabilities `pa`, `pb` `[..., N]`
+  (`selection_probabilities`): sum_i pa_i pb_i / k, as the two runs' tie-breaks are independent."""
+  return np.einsum("...i,...i->...", pa, pb) / k
 
 
 def topk_overlap(x: np.ndarray, y: np.ndarray, fraction: float,
                  side: str = "hardest") -> np.ndarray:
-  """|top_k(x) & top_k(y)| / k for matching rows of `x`, `y` `[..., N]`; chance is `fraction`."""
-  mx = top_fraction_mask(x, fraction, side)
-  my = top_fraction_mask(y, fraction, side)
-  return (mx & my).sum(-1) / mx.sum(-1)
+  """Expected |top_k(x) & top_k(y)| / k for matching rows of `x`, `y` `[..., N]`, ties broken
+  uniformly at random and independently in x and y (exact, not sampled); chance is `fraction`.
+  Without ties this is the plain overlap of the two top-k sets."""
+  k = _k(fraction, np.shape(x)[-1])
+  return expected_overlap(selection_probabilities(x, k, side),
+                          selection_probabilities(y, k, side), k)
 
 
-def overlap_matrix(x: np.ndarray, fraction: float, side: str = "hardest", *,
-                   ranks: np.ndarray | None = None) -> np.ndarray:
-  """Top-k overlap `[K, K]` between all pairs of rows of `x` `[K, N]` (e.g. averaged scores);
-  `ranks` = `correlation.ordinal_ranks(x)` may be passed to reuse one sort for several fractions."""
-  ranks = correlation.ordinal_ranks(x) if ranks is None else ranks
-  m = _mask(ranks, fraction, side).astype(np.float32)
-  return (m @ m.T).astype(np.float64) / _k(fraction, m.shape[-1])
+def overlap_matrix(x: np.ndarray, fraction: float, side: str = "hardest") -> np.ndarray:
+  """Expected top-k overlap `[K, K]` (`topk_overlap`) between all pairs of rows of `x` `[K, N]`
+  (e.g. averaged scores). The diagonal is a row's overlap with an independent tie-break of itself
+  (1 without ties at the k-th value)."""
+  x = np.asarray(x)
+  k = _k(fraction, x.shape[-1])
+  p = selection_probabilities(x, k, side)
+  return (p @ p.T) / k
 
 
 def run_overlap(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS, *, num_pairs: int = 20,
@@ -132,7 +171,9 @@ def run_overlap(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS, *, n
   """Top-k overlap between single runs: would two runs prune the same examples?
 
   Draws min(num_pairs, R // 2) disjoint pairs of runs and reports, per fraction and side, the mean,
-  min and max overlap over the pairs, next to the chance level (= fraction).
+  min and max overlap over the pairs, next to the chance level (= fraction). Each overlap is the
+  expectation under random tie-breaking (`topk_overlap`), so tied discrete scores do not agree
+  merely through a shared tie order.
 
   Args:
     scores: `[runs, examples]`.
@@ -146,13 +187,11 @@ def run_overlap(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS, *, n
   s = check_scores(scores)
   perm = np.random.default_rng(seed).permutation(s.shape[0])
   p = min(num_pairs, s.shape[0] // 2)
-  # One sort per run serves every fraction and side.
-  ra = correlation.ordinal_ranks(s[perm[0:2 * p:2]])
-  rb = correlation.ordinal_ranks(s[perm[1:2 * p:2]])
+  a, b = s[perm[0:2 * p:2]], s[perm[1:2 * p:2]]
   rows = []
   for f in fractions:
     for side in SIDES:
-      v = (_mask(ra, f, side) & _mask(rb, f, side)).sum(-1) / _k(f, s.shape[1])
+      v = topk_overlap(a, b, f, side)
       rows.append(dict(fraction=float(f), side=side, mean=float(v.mean()), min=float(v.min()),
                        max=float(v.max()), pairs=int(p), chance=float(f)))
   return rows
@@ -175,7 +214,17 @@ def score_agreement(scores: Mapping[str, np.ndarray], *,
   names, means = stack_means(scores)
   corr = {m: correlation.correlation_matrix(means, m) for m in methods}
   pca = {m: pca_spectrum(c, names) for m, c in corr.items() if m != "kendall"}
-  ranks = correlation.ordinal_ranks(means)
-  overlap = {(float(f), side): overlap_matrix(means, f, side, ranks=ranks)
+  overlap = {(float(f), side): overlap_matrix(means, f, side)
              for f in fractions for side in SIDES}
   return dict(names=names, corr=corr, pca=pca, overlap=overlap)
+
+
+def order_random_ties(x: np.ndarray, *, descending: bool = False, seed: int = 0) -> np.ndarray:
+  """Indices `[N]` sorting the 1-D `x` (ascending, or descending), equal values in a random order
+  drawn from `seed`: a list of the k easiest or hardest examples of a tied score is then a uniform
+  draw from the tied group at its end, not its lowest example indices."""
+  x = np.asarray(x, np.float64)
+  if x.ndim != 1:
+    raise ValueError(f"order_random_ties needs a 1-D array, got shape {x.shape}")
+  tiebreak = np.random.default_rng(seed).permutation(x.size)
+  return np.lexsort((tiebreak, -x if descending else x))

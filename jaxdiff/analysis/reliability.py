@@ -119,6 +119,8 @@ class ReliabilityCurve:
     rank_error: quantile q -> `[K, D]`: the q-quantile over examples of |rank(n-run mean) -
       rank(reference)| / N, ranks being average ranks.
     Kendall (split only) has D = kendall_draws columns (it is the slow one).
+    tie_share: mean over runs of the largest fraction of a run's examples that share one value
+      (near 1 for a near-constant score such as prediction depth on easy data); NaN if unknown.
   """
   ns: np.ndarray
   num_runs: int
@@ -126,6 +128,7 @@ class ReliabilityCurve:
   split: dict
   reference: dict
   rank_error: dict
+  tie_share: float = math.nan
 
   def rho1(self, metric: str = "spearman") -> float:
     """Measured single-run reliability: mean over draws of the split correlation at n = 1."""
@@ -236,10 +239,65 @@ def reliability_curve(scores: np.ndarray, ns: Sequence[int] | None = None, *, nu
     if d < kendall_draws:
       split["kendall"][:, d] = correlation.kendall_rows(a, b)
   return ReliabilityCurve(ns=ns, num_runs=r, num_examples=n_ex, split=split, reference=ref,
-                          rank_error=rank_err)
+                          rank_error=rank_err, tie_share=tie_share(s))
 
 
-def runs_needed_table(curve: ReliabilityCurve, targets: Sequence[float] = TARGETS) -> list[dict]:
+def tie_share(scores: np.ndarray) -> float:
+  """Mean over runs of the largest fraction of examples sharing one value in that run.
+
+  Args:
+    scores: `[runs, examples]`.
+  """
+  s = np.sort(np.asarray(scores), axis=1)  # one sort per run; equal values become runs of a row
+  r, n = s.shape
+  new = np.ones(s.shape, bool)
+  new[:, 1:] = s[:, 1:] != s[:, :-1]
+  # Length of the longest run of equal values per row: distance between consecutive starts.
+  starts = np.flatnonzero(new.ravel())
+  lengths = np.diff(np.append(starts, r * n))
+  longest = np.maximum.reduceat(lengths, np.searchsorted(starts, np.arange(r) * n))
+  return float(np.mean(longest / n))
+
+
+# When the measured curve and Spearman-Brown part by more than this, or the measured correlation
+# falls by more than this as runs are added, or more than MAX_TIE_SHARE of a run's examples share
+# one value, the extrapolated runs are flagged instead of reported as a finding.
+SB_TOLERANCE = 0.02
+MAX_TIE_SHARE = 0.5
+
+
+def reliability_flags(curve: ReliabilityCurve, metric: str = "spearman", *,
+                      tolerance: float = SB_TOLERANCE,
+                      max_tie_share: float = MAX_TIE_SHARE) -> list[str]:
+  """Reasons why Spearman-Brown's extrapolation of `curve` is not to be trusted (empty if none).
+
+  Spearman-Brown assumes runs are the truth plus independent noise; a near-constant or heavily
+  tied score (e.g. prediction depth with most examples at depth 0) breaks it: its measured
+  reliability can fall as runs are added, while the extrapolation from one run promises more.
+  Checked: (a) the measured mean correlation falls by more than `tolerance` from some n to a
+  larger n; (b) at the largest measured n, Spearman-Brown from the single-run value differs from
+  the measured value by more than `tolerance`; (c) ties dominate: on average more than
+  `max_tie_share` of a run's examples share one value.
+  """
+  measured = curve.split[metric].mean(axis=1)
+  flags = []
+  drop = np.max(np.maximum.accumulate(measured) - measured) if measured.size else 0.0
+  if drop > tolerance:
+    flags.append(f"measured {metric} falls as runs are added ({measured[0]:.3f} at n=1, "
+                 f"{measured[-1]:.3f} at n={int(curve.ns[-1])})")
+  if curve.ns[0] == 1 and curve.ns.size > 1:
+    sb = float(spearman_brown(curve.rho1(metric), curve.ns[-1]))
+    if abs(sb - measured[-1]) > tolerance:
+      flags.append(f"Spearman-Brown predicts {sb:.3f} at n={int(curve.ns[-1])}, measured "
+                   f"{measured[-1]:.3f}")
+  if np.isfinite(curve.tie_share) and curve.tie_share > max_tie_share:
+    flags.append(f"ties dominate: {curve.tie_share:.0%} of a run's examples share one value")
+  return flags
+
+
+def runs_needed_table(curve: ReliabilityCurve, targets: Sequence[float] = TARGETS, *,
+                      tolerance: float = SB_TOLERANCE,
+                      max_tie_share: float = MAX_TIE_SHARE) -> list[dict]:
   """For Pearson and Spearman and each target: runs needed by Spearman-Brown and as measured.
 
   Columns: rho1 (measured split correlation at n = 1); rho1_fit (Spearman-Brown fitted to the whole
@@ -247,7 +305,9 @@ def runs_needed_table(curve: ReliabilityCurve, targets: Sequence[float] = TARGET
   runs_needed (from rho1); runs_needed_fit (from rho1_fit); runs_measured (smallest measured n whose
   mean split correlation reaches the target, NaN if none does); runs_needed_truth (runs for the
   n-run mean to correlate `target` with the infinite-run mean: sqrt(rho_n) >= target in classical
-  test theory, i.e. rho_n >= target**2).
+  test theory, i.e. rho_n >= target**2); flag ("" if none: `reliability_flags`, joined by "; "),
+  set when the measured curve contradicts the extrapolation or ties dominate, in which case the
+  runs_needed* columns are not findings.
   """
   rows = []
   for metric, values in curve.split.items():
@@ -257,13 +317,15 @@ def runs_needed_table(curve: ReliabilityCurve, targets: Sequence[float] = TARGET
     rho1 = curve.rho1(metric)
     rho1_fit = fit_spearman_brown(curve.ns, measured)
     sb_err = float(np.max(np.abs(spearman_brown(rho1, curve.ns) - measured)))
+    flag = "; ".join(reliability_flags(curve, metric, tolerance=tolerance,
+                                       max_tie_share=max_tie_share))
     for t in targets:
       reach = curve.ns[measured >= t]
       rows.append(dict(metric=metric, rho1=rho1, rho1_fit=rho1_fit, sb_max_abs_error=sb_err,
                        target=float(t), runs_needed=runs_needed(rho1, t),
                        runs_needed_fit=runs_needed(rho1_fit, t),
                        runs_measured=float(reach[0]) if reach.size else math.nan,
-                       runs_needed_truth=runs_needed(rho1, t * t)))
+                       runs_needed_truth=runs_needed(rho1, t * t), flag=flag))
   return rows
 
 

@@ -37,17 +37,52 @@ def arch_name(meta: Mapping[str, Any], fallback: str) -> str:
   return fallback
 
 
+# Files in a score folder that are bookkeeping, not difficulty scores.
+NOT_SCORES = frozenset({"mb_presentations"})
+
+
+def score_problems(sets: Mapping[str, store.ScoreSet], names: Sequence[str]) -> dict[str, str]:
+  """Why each of `names` cannot be analysed ({} if all can), checked in every set that has it.
+
+  Reasons: bookkeeping files (`NOT_SCORES`); fewer than 2 valid runs; non-finite values in a valid
+  run (e.g. the `*_inf` variants: +inf for never-learned examples); a run-averaged value that is
+  constant over examples (no ranking to measure).
+  """
+  problems = {}
+  for name in names:
+    if name in NOT_SCORES:
+      problems[name] = "bookkeeping, not a difficulty score"
+      continue
+    for a, ss in sets.items():
+      if name not in ss.scores:
+        continue
+      v = ss.get(name)
+      reason = None
+      if v.shape[0] < 2:
+        reason = f"{a} has {v.shape[0]} valid run(s)"
+      elif not np.isfinite(v).all():
+        reason = f"non-finite values in {a} ({int((~np.isfinite(v)).sum())} of {v.size})"
+      elif np.ptp(v.mean(axis=0, dtype=np.float64)) == 0:
+        reason = f"constant over examples in {a}"
+      if reason:
+        problems[name] = reason
+        break
+  return problems
+
+
 def load_workdirs(workdirs: Sequence[str]) -> dict[str, store.ScoreSet]:
   """Loads `<workdir>/scores` of each workdir, keyed by architecture, checked to be comparable.
 
   Two workdirs with the same architecture name are told apart by their folder names.
 
   Raises:
-    ValueError (store.StoreError): a missing or broken score directory, or workdirs on different
-      datasets or example ids.
+    ValueError (store.StoreError): a missing or broken score directory, a workdir given twice (in
+      any spelling: compared by realpath), or workdirs trained on different data (dataset,
+      example ids, labels, data fingerprint: `store.check_compatible`).
   """
   if not workdirs:
     raise ValueError("no workdirs given")
+  store.check_distinct_paths(workdirs)
   sets = {}
   for wd in workdirs:
     ss = store.load_scores(os.path.join(wd, "scores"))
@@ -55,8 +90,9 @@ def load_workdirs(workdirs: Sequence[str]) -> dict[str, store.ScoreSet]:
     name = arch_name(ss.meta, base)
     if name in sets:
       name = f"{name}@{base}"
-    if name in sets:
-      raise ValueError(f"workdir {wd!r} is given twice")
+    if name in sets:  # distinct workdirs (checked above) with one folder name and architecture
+      raise ValueError(f"workdir {wd!r} and another workdir named {base!r} both hold "
+                       f"architecture {arch_name(ss.meta, base)!r}: rename one of the folders")
     sets[name] = ss
   store.check_compatible(sets)
   return sets
@@ -76,6 +112,7 @@ class Analysis:
     primary_score: the score used for the gallery, Manhattan and spread figures.
     settings: the arguments of `analyze`; inputs: one dict per architecture.
     timings: stage -> seconds.
+    dropped: score name -> why it was left out (written into report.md).
   """
   tables: dict
   curves: dict
@@ -88,6 +125,7 @@ class Analysis:
   settings: dict
   inputs: list
   timings: dict
+  dropped: dict = dataclasses.field(default_factory=dict)
 
 
 def _map(fn: Callable, items: Sequence, num_workers: int) -> list:
@@ -112,12 +150,15 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
             fractions: Sequence[float] = agreement.FRACTIONS, alpha: float = 0.05,
             num_permutations: int = 0, num_run_pairs: int = 20, top_m: int = 20,
             methods: Sequence[str] = correlation.METHODS, num_workers: int = 2,
-            seed: int = 0) -> Analysis:
+            seed: int = 0, dropped: Mapping[str, str] | None = None) -> Analysis:
   """Runs the whole analysis on score sets of one dataset (one per architecture).
 
   Args:
     sets: arch -> ScoreSet (diverged runs are dropped).
-    scores: score names to analyse (default: all; sensitivity uses those every arch has).
+    scores: score names to analyse (default: every score that `score_problems` finds nothing
+      against; the others are left out and listed with their reason in `Analysis.dropped` and
+      report.md; sensitivity uses those every arch has). A named score with non-finite values is
+      refused.
     primary_score: score for the figures and example lists (default `choose_primary`).
     num_draws, kendall_draws: see `reliability.reliability_curve`.
     fractions: pruning fractions for top-k overlaps.
@@ -130,10 +171,18 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
       than one, set OPENBLAS_NUM_THREADS=1 before numpy is imported (the scripts do) so that BLAS
       threads do not oversubscribe the cores.
     seed: base seed. The reliability draws of architecture i (in `sets` order) and score j (in
-      sorted order) use seed + 1000 i + j.
+      sorted order) use seed + 1000 i + j; ties in the example lists are broken by `seed`.
+    dropped: score name -> reason, for scores the caller left out itself (added to the report's
+      list of scores left out).
+
+  Raises:
+    ValueError naming a bad setting and its valid range, an unknown or unusable score.
   """
   if not sets:
     raise ValueError("no score sets given")
+  _check_settings(alpha=alpha, top_m=top_m, num_draws=num_draws, kendall_draws=kendall_draws,
+                  num_permutations=num_permutations, num_run_pairs=num_run_pairs,
+                  num_workers=num_workers)
   for m in methods:
     correlation.check_method(m)
   for f in fractions:
@@ -146,14 +195,26 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
     store.check_compatible(sets)
   archs = list(sets)
   ref = sets[archs[0]]
+  dropped = dict(dropped or {})
+  if scores:
+    nonfinite = {n: r for n, r in score_problems(sets, scores).items() if "non-finite" in r}
+    if nonfinite:
+      raise ValueError(f"cannot analyse {nonfinite}: the statistics need finite scores; leave "
+                       "them out (or pass no scores to drop such scores with a note)")
+  else:
+    dropped.update(score_problems(sets, sorted(set().union(*(s.scores for s in sets.values())))))
+    for n, r in sorted(dropped.items()):
+      log.info("score %s left out: %s", n, r)
   data = {}
   for a in archs:
-    names = list(sets[a].scores) if not scores else list(scores)
+    names = ([n for n in sets[a].scores if n not in dropped] if not scores else list(scores))
     missing = [n for n in names if n not in sets[a].scores]
     if missing:
       raise ValueError(f"scores {missing} are not in architecture {a!r}; it has "
                        f"{sorted(sets[a].scores)}")
     data[a] = {n: sets[a].get(n) for n in sorted(names)}
+  if not any(data.values()):
+    raise ValueError(f"no usable score: {dropped}")
   common = sorted(set.intersection(*(set(d) for d in data.values())))
   primary = choose_primary(common if common else sorted(data[archs[0]]), primary_score)
   inputs = [dict(arch=a, dataset=sets[a].meta.get("dataset"), runs=int(sets[a].valid_runs.sum()),
@@ -241,16 +302,19 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                            for k, i in enumerate(idx)]
   timings["sensitivity"] = time.perf_counter() - t0
 
-  # Easiest and hardest examples of the primary score, averaged over architectures.
+  # Easiest and hardest examples of the primary score, averaged over architectures. Ties (a
+  # discrete score) are broken at random (seeded), so a list is a draw from the tied group at its
+  # end, not that group's lowest example indices; "tied" counts the examples sharing the value.
   pooled = np.mean([data[a][primary].mean(axis=0, dtype=np.float64) for a in archs
                     if primary in data[a]], axis=0)
-  order = np.argsort(pooled, kind="stable")
-  m = min(top_m, order.size)
+  m = min(top_m, pooled.size)
+  _, inverse, counts = np.unique(pooled, return_inverse=True, return_counts=True)
   extreme_rows = [dict(score=primary, group=group, rank=k + 1, index=int(i),
                        example_id=int(ref.example_ids[i]), label=int(ref.labels[i]),
-                       mean_score=float(pooled[i]))
-                  for group, idx in (("easiest", order[:m]), ("hardest", order[::-1][:m]))
-                  for k, i in enumerate(idx)]
+                       mean_score=float(pooled[i]), tied=int(counts[inverse[i]]))
+                  for group, desc in (("easiest", False), ("hardest", True))
+                  for k, i in enumerate(agreement.order_random_ties(
+                      pooled, descending=desc, seed=seed)[:m])]
 
   tables = dict(inputs=pd.DataFrame(inputs), reliability=pd.DataFrame(rel_rows),
                 runs_needed=pd.DataFrame(need_rows), spread=pd.DataFrame(spread_rows),
@@ -265,7 +329,23 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                 difficulty_extremes=pd.DataFrame(extreme_rows))
   return Analysis(tables=tables, curves=curves, spreads=spreads, agreement=agree,
                   sensitivity=sens, example_ids=ref.example_ids, labels=ref.labels,
-                  primary_score=primary, settings=settings, inputs=inputs, timings=timings)
+                  primary_score=primary, settings=settings, inputs=inputs, timings=timings,
+                  dropped=dropped)
+
+
+def _check_settings(**values) -> None:
+  """Refuses a setting of `analyze` outside its range, naming the value and the valid range."""
+  alpha = values.pop("alpha")
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha={alpha!r}: the significance level must be in (0, 1)")
+  low = dict(top_m=1, num_draws=1, kendall_draws=0, num_permutations=0, num_run_pairs=1,
+             num_workers=1)
+  for name, v in values.items():
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low[name]:
+      raise ValueError(f"{name}={v!r}: must be an integer >= {low[name]}")
+  if values["kendall_draws"] > values["num_draws"]:
+    raise ValueError(f"kendall_draws={values['kendall_draws']}: must be in [0, num_draws="
+                     f"{values['num_draws']}]")
 
 
 def _frame(rows: list, columns: Sequence[str]) -> pd.DataFrame:
@@ -391,7 +471,8 @@ def write_figures(analysis: Analysis, out: str, *, x: np.ndarray | None = None,
     if res is not None:
       rows = analysis.tables["sensitive_examples"]
       rows = rows[(rows.score == primary) & (rows.group == "most")]
-      add("most arch-sensitive", rows["index"], rows["max_neg_log10_p"], "-log10p")
+      add("most arch-sensitive\n(pairwise Welch)", rows["index"], rows["max_neg_log10_p"],
+          "-log10p")
     written.append(plots.gallery(x, kind, groups, os.path.join(fig_dir, "gallery.png"),
                                  captions=captions, title=f"examples by {primary}"))
   return written
@@ -407,6 +488,10 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
   md.append(f"\nSettings: `{json.dumps(analysis.settings)}`. Primary score: "
             f"`{analysis.primary_score}`. Scores follow jaxdiff's sign convention "
             "(higher = harder).\n")
+  if analysis.dropped:
+    md.append("\nScores left out: " + "; ".join(f"`{k}` ({v})"
+                                                for k, v in sorted(analysis.dropped.items()))
+              + ".\n")
   md += [f"\n> {n}\n" for n in notes]
 
   md.append("\n## Reliability across runs\n")
@@ -417,13 +502,16 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
             "applied to the single-run Spearman reliability.\n\n")
   rel, need = t["reliability"], t["runs_needed"]
   if not rel.empty:
-    rows = []
+    rows, flagged = [], []
     for (a, n), g in rel.groupby(["arch", "score"], sort=False):
       sp = g[(g.measure == "split") & (g.metric == "spearman")].sort_values("n")
       pe = g[(g.measure == "split") & (g.metric == "pearson")].sort_values("n")
       q50 = g[(g.measure == "rank_error") & (g.metric == "q0.5") & (g.n == 1)]
       q90 = g[(g.measure == "rank_error") & (g.metric == "q0.9") & (g.n == 1)]
       nd = need[(need.arch == a) & (need.score == n) & (need.metric == "spearman")]
+      flag = nd.flag.iloc[0] if "flag" in nd and len(nd) else ""
+      if flag:
+        flagged.append(f"`{n}` ({a}): {flag}")
       first, last = sp.iloc[0], sp.iloc[-1]
       rows.append({"arch": a, "score": n, "Spearman n=1": f"{first['mean']:.3f} [{first.lo:.3f}, "
                    f"{first.hi:.3f}]", "Pearson n=1": f"{pe.iloc[0]['mean']:.3f}",
@@ -432,8 +520,14 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
                    f"SB n={int(last.n)}": last.spearman_brown,
                    "rank err med/q90": (f"{q50['mean'].iloc[0]:.3f}/{q90['mean'].iloc[0]:.3f}"
                                         if len(q50) and len(q90) else "–"),
-                   "runs for .9/.95/.99": "/".join(_fmt(v) for v in nd.runs_needed)})
+                   "runs for .9/.95/.99": ("flagged" if flag else
+                                           "/".join(_fmt(v) for v in nd.runs_needed))})
     md.append(markdown_table(pd.DataFrame(rows)))
+    if flagged:
+      md.append("\nFlagged: " + "; ".join(flagged) + ". For these scores the measured curve "
+                "contradicts the Spearman-Brown extrapolation, or ties dominate, so the runs "
+                "needed are not reported as a finding (they stay in `tables/runs_needed.csv`, "
+                "column `flag`).\n")
     md.append("\nAre hard examples noisier? Spearman correlation over examples between the mean "
               "score and its std across runs:\n\n")
     md.append(markdown_table(t["spread"]))
@@ -484,15 +578,21 @@ def write_markdown(analysis: Analysis, out: str, *, figures: Sequence[str] = (),
     for group in ("most", "least"):
       ids = se[(se.score == analysis.primary_score) & (se.group == group)].example_id.tolist()
       md.append(f"\n{group.capitalize()} architecture-sensitive example ids "
-                f"({analysis.primary_score}): {', '.join(map(str, ids))}\n")
+                f"({analysis.primary_score}; ranked by the largest -log10 p of the pairwise Welch "
+                f"tests, as the gallery's row): {', '.join(map(str, ids))}\n")
   else:
     md.append("(skipped: needs two or more architectures with 2+ valid runs each)\n")
   md += [f"\n![manhattan]({v})\n" for k, v in figs.items() if k.startswith("manhattan_")]
   ext = t["difficulty_extremes"]
   for group in ("easiest", "hardest"):
-    ids = ext[ext.group == group].example_id.tolist()
+    g = ext[ext.group == group]
+    ids = g.example_id.tolist()
+    tie = ""
+    if len(g) and "tied" in g and int(g.tied.iloc[-1]) > 1:
+      tie = (f" ({int(g.tied.iloc[-1])} examples share the value at the end of the list; those "
+             "listed were drawn from them at random)")
     md.append(f"\n{group.capitalize()} example ids ({analysis.primary_score}, mean over "
-              f"architectures): {', '.join(map(str, ids))}\n")
+              f"architectures): {', '.join(map(str, ids))}{tie}\n")
   if "gallery.png" in figs:
     md.append(f"\n![gallery]({figs['gallery.png']})\n")
   md.append("\n## Files\n\n")
@@ -519,6 +619,7 @@ def write_report(analysis: Analysis, out: str, *, x: np.ndarray | None = None,
   written += figs
   store.atomic_write_json(os.path.join(out, "analysis.json"),
                           dict(settings=analysis.settings, inputs=analysis.inputs,
-                               primary_score=analysis.primary_score, timings=analysis.timings))
+                               primary_score=analysis.primary_score, timings=analysis.timings,
+                               dropped=analysis.dropped))
   written.append(write_markdown(analysis, out, figures=figs, notes=notes))
   return written
