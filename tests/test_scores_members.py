@@ -20,18 +20,20 @@ def test_ensemble_scores_match_scipy():
     js = stats.entropy(probs[:, i].mean(0)) - np.mean([stats.entropy(p) for p in probs[:, i]])
     np.testing.assert_allclose(out["js_divergence"][i], js, rtol=1e-5, atol=1e-7)
     right = [np.argmax(p) == labels[i] for p in probs[:, i]]
-    assert out["dichotomous"][i] == (1 if all(right) else -1 if not any(right) else 0)
-    assert out["frac_correct"][i] == np.float32(np.mean(right))
-  assert out["dichotomous"][0] == 1 and out["js_divergence"][0] == 0
-  assert set(np.unique(out["dichotomous"])) == {-1.0, 0.0, 1.0}
+    # Higher = harder: +1 every member wrong ("impossible"), -1 every member right ("trivial").
+    assert out["dichotomous_difficulty"][i] == (-1 if all(right) else 1 if not any(right) else 0)
+    assert out["frac_incorrect"][i] == np.float32(1 - np.mean(right))
+  assert out["dichotomous_difficulty"][0] == -1 and out["js_divergence"][0] == 0
+  assert set(np.unique(out["dichotomous_difficulty"])) == {-1.0, 0.0, 1.0}
+  assert set(out) == {"dichotomous_difficulty", "js_divergence", "frac_incorrect"}
 
 
 def test_ensemble_scores_member_mask():
   probs = np.array([[[0.9, 0.1]], [[0.2, 0.8]], [[0.6, 0.4]]])
   labels = np.array([0])
-  assert members.ensemble_scores(probs, labels)["dichotomous"][0] == 0
+  assert members.ensemble_scores(probs, labels)["dichotomous_difficulty"][0] == 0
   masked = members.ensemble_scores(probs, labels, member_mask=[True, False, True])
-  assert masked["dichotomous"][0] == 1
+  assert masked["dichotomous_difficulty"][0] == -1
   np.testing.assert_allclose(masked["js_divergence"][0],
                              stats.entropy([0.75, 0.25]) - np.mean([stats.entropy([0.9, 0.1]),
                                                                     stats.entropy([0.6, 0.4])]),
@@ -80,7 +82,8 @@ def test_registry_names_every_output_and_validates():
            | set(scores.prototype_scores(rng.normal(size=(2, 4, 3)), np.arange(4), 2))
            | set(members.ensemble_scores(np.full((2, 4, 3), 1 / 3), np.arange(4) % 3)))
   assert names == set(scores.SCORES)
-  assert scores.NEGATED <= set(scores.SCORES)
+  assert scores.NEGATED <= set(scores.SCORES) | set(scores.LEGACY_ENSEMBLE_SCORES)
+  assert not set(scores.ENSEMBLE_SCORES) & scores.NEGATED  # written higher = harder already
   assert scores.validate_names(["el2n", "aum"]) == ["el2n", "aum"]
   assert scores.validate_names("grand") == ["grand"]
   with pytest.raises(ValueError,

@@ -43,7 +43,8 @@ def test_epoch_accumulator_hand_worked_sequences():
   for j, name in enumerate(names):
     _, forgets, learn, consistent, unforgettable, never = CASES[name]
     for r, col in ((0, j), (1, len(names) - 1 - j)):
-      assert out["forgetting_events"][r, col] == forgets, name
+      # Never learned: T // 2 + 1 = 4 with T = 6 records, above any possible count (at most 3).
+      assert out["forgetting_events"][r, col] == (4 if never else forgets), name
       assert out["forgetting_events_inf"][r, col] == (np.inf if never else forgets), name
       assert out["learning_time"][r, col] == learn, name
       assert out["learning_time_inf"][r, col] == (np.inf if never else learn), name
@@ -59,6 +60,25 @@ def test_epoch_accumulator_hand_worked_sequences():
   np.testing.assert_allclose(out["aum"], extra[1].mean(0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(out["aum_prob"], extra[2].mean(0), rtol=1e-5, atol=1e-7)
   assert all(v.dtype == np.float32 and v.shape == (2, len(names)) for v in out.values())
+
+
+def test_never_learned_examples_rank_hardest_by_forgetting():
+  # Golden, hand-worked: T = 5 records. Learned examples can be forgotten at most 5 // 2 = 2 times
+  # (1, 0, 1, 0, x); a never-learned one gets 5 // 2 + 1 = 3, the hardest value, and the same in
+  # every member whatever the others did (a member's scores do not depend on the ensemble).
+  seqs = {"never": [0, 0, 0, 0, 0], "twice": [1, 0, 1, 0, 0], "once": [0, 1, 0, 0, 1],
+          "always": [1, 1, 1, 1, 1]}
+  expect = {"never": 3, "twice": 2, "once": 1, "always": 0}
+  correct = np.array(list(seqs.values()), float).T[:, None, :]  # [T=5, R=1, N=4]
+  state = EpochAccumulator.init(1, 4)
+  for t in range(5):
+    z = np.zeros((1, 4))
+    state = EpochAccumulator.update(state, dict(correct=correct[t], p_y=z, loss=z, margin_logit=z,
+                                                margin_prob=z), step=t)
+  out = EpochAccumulator.finalize(state)
+  np.testing.assert_array_equal(out["forgetting_events"][0], list(expect.values()))
+  np.testing.assert_array_equal(out["forgetting_events_inf"][0], [np.inf, 2, 1, 0])
+  np.testing.assert_array_equal(out["never_learned"][0], [1, 0, 0, 0])
 
 
 def test_epoch_accumulator_state_round_trips_through_npz(tmp_path):
@@ -143,7 +163,10 @@ def test_minibatch_forgetting_matches_python_loop():
   last = schedule[-1][0]
   never = ref["never"].astype(bool)
   assert never.any() and (ref["forgets"] > 0).any() and ref["unforgettable"].any()
-  np.testing.assert_array_equal(out["mb_forgetting_events"], ref["forgets"])
+  bound = ref["presentations"].max(axis=1, keepdims=True) // 2 + 1  # per member
+  np.testing.assert_array_equal(out["mb_forgetting_events"],
+                                np.where(never, bound, ref["forgets"]))
+  assert (out["mb_forgetting_events"][never] > ref["forgets"].max()).all()
   np.testing.assert_array_equal(out["mb_forgetting_events_inf"],
                                 np.where(never, np.inf, ref["forgets"]))
   np.testing.assert_array_equal(out["mb_learning_time"], ref["learn"])
@@ -164,7 +187,8 @@ def test_minibatch_forgetting_hand_worked():
                        (3, [0], [0])]:
     state = MinibatchForgetting.update(state, np.array([idx]), np.array([c]), step)
   out = MinibatchForgetting.finalize(state)
-  np.testing.assert_array_equal(out["mb_forgetting_events"][0], [2, 0, 0])
+  # Example 2 was never learned: 4 presentations at most (example 0) // 2 + 1 = 3.
+  np.testing.assert_array_equal(out["mb_forgetting_events"][0], [2, 0, 3])
   np.testing.assert_array_equal(out["mb_learning_time"][0], [0, 1, 4])
   np.testing.assert_array_equal(out["mb_consistent_learning_time"][0], [4, 1, 4])
   np.testing.assert_array_equal(out["mb_unforgettable"][0], [0, 1, 0])
@@ -231,7 +255,9 @@ def test_minibatch_update_steps_equals_step_by_step_updates():
   a, b_ = MinibatchForgetting.finalize(state_a), MinibatchForgetting.finalize(state_b)
   ref = reference_minibatch(schedule, r, n)
   assert (ref["forgets"] > 0).any()
-  np.testing.assert_array_equal(b_["mb_forgetting_events"], ref["forgets"])
+  bound = ref["presentations"].max(axis=1, keepdims=True) // 2 + 1
+  np.testing.assert_array_equal(b_["mb_forgetting_events"],
+                                np.where(ref["never"] > 0, bound, ref["forgets"]))
   for k in a:
     np.testing.assert_array_equal(a[k], b_[k], err_msg=k)
   with pytest.raises(ValueError, match=r"\[R=2, S, B\]"):

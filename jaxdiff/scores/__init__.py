@@ -48,7 +48,8 @@ TRAJECTORY_SCORES = {
            "2020; their average is over minibatch passes)",
     "aum_prob": "mean over evaluations of p_y - max_{c!=y} p_c",
     "forgetting_events": "number of correct->incorrect transitions between consecutive evaluations "
-                         "(Toneva et al. 2019); never-learned examples get 0",
+                         "(Toneva et al. 2019); never-learned examples get T // 2 + 1 for T "
+                         "evaluations, above any learned example's count (they rank hardest)",
     "forgetting_events_inf": "forgetting_events with +inf for never-learned examples (Toneva et "
                              "al.'s convention when sorting)",
     "never_learned": "1 if never correct at any evaluation",
@@ -64,7 +65,8 @@ TRAJECTORY_SCORES = {
 }
 MINIBATCH_SCORES = {
     "mb_forgetting_events": "forgetting events counted over the member's own minibatch "
-                            "presentations (Toneva et al. 2019's protocol); never learned -> 0",
+                            "presentations (Toneva et al. 2019's protocol); never learned -> "
+                            "P // 2 + 1, P the member's most presentations of any example",
     "mb_forgetting_events_inf": "mb_forgetting_events with +inf for never learned",
     "mb_never_learned": "1 if never correct at any presentation (or never presented)",
     "mb_learning_time": "first training step at which a presentation was correct; never -> last "
@@ -85,9 +87,16 @@ REPRESENTATION_SCORES = {
                      "(self-supervised prototype, Sorscher et al. 2022)",
 }
 ENSEMBLE_SCORES = {
-    "dichotomous": "+1 all members correct, 0 mixed, -1 all wrong (Meding et al. 2022)",
+    "dichotomous_difficulty": "+1 all members wrong, 0 mixed, -1 all correct (Meding et al. "
+                              "2022's dichotomous difficulty, signed higher = harder)",
     "js_divergence": "generalised Jensen-Shannon divergence across members H(mean p) - mean H(p)",
-    "frac_correct": "fraction of members classifying the example correctly",
+    "frac_incorrect": "fraction of members misclassifying the example",
+}
+# Names of ensemble_scores.npz arrays written before they were oriented higher = harder (natural
+# orientation, higher = easier); kept in NEGATED so that `orient` turns an old file around.
+LEGACY_ENSEMBLE_SCORES = {
+    "dichotomous": "+1 all members correct, 0 mixed, -1 all wrong (higher = easier)",
+    "frac_correct": "fraction of members classifying the example correctly (higher = easier)",
 }
 SCORES = {**POINT_SCORES, **TRAJECTORY_SCORES, **MINIBATCH_SCORES, **REPRESENTATION_SCORES,
           **ENSEMBLE_SCORES}
@@ -95,7 +104,7 @@ SCORES = {**POINT_SCORES, **TRAJECTORY_SCORES, **MINIBATCH_SCORES, **REPRESENTAT
 # Natural value is higher-is-easier: stored negated so that higher means harder.
 NEGATED = frozenset({
     "correct", "p_y", "max_p", "margin_prob", "margin_logit", "mean_p_y", "mean_correct", "aum",
-    "aum_prob", "unforgettable", "mb_unforgettable", "dichotomous", "frac_correct"})
+    "aum_prob", "unforgettable", "mb_unforgettable", *LEGACY_ENSEMBLE_SCORES})
 
 
 def validate_names(names: str | Iterable[str],
@@ -126,7 +135,8 @@ def orient(scores: Mapping[str, Any], strict: bool = True) -> dict[str, np.ndarr
 
 
 __all__ = [
-    "ENSEMBLE_SCORES", "EpochAccumulator", "MINIBATCH_SCORES", "MinibatchForgetting", "NEGATED",
+    "ENSEMBLE_SCORES", "EpochAccumulator", "LEGACY_ENSEMBLE_SCORES", "MINIBATCH_SCORES",
+    "MinibatchForgetting", "NEGATED",
     "POINT_SCORES", "REPRESENTATION_SCORES", "SCORES", "TRAJECTORY_SCORES", "VoGAccumulator",
     "auroc", "auroc_table", "compute_point_scores", "ensemble_scores", "grand", "grand_scores", "input_grad",
     "input_grad_py", "members", "orient", "point", "point_scores", "prediction_depth",

@@ -12,15 +12,21 @@ from scipy import special
 
 
 def ensemble_scores(probs: Any, labels: Any, member_mask: Any = None) -> dict[str, np.ndarray]:
-  """Per-example scores of an ensemble's predictions.
+  """Per-example scores of an ensemble's predictions, each higher = harder.
 
-    dichotomous:    +1 if every member classifies the example correctly ("trivial"), -1 if every
-                    member is wrong ("impossible"), 0 if mixed: the dichotomous data difficulty of
-                    Meding et al. 2022 ("Trivial or Impossible -- dichotomous data difficulty masks
-                    model differences"). Correct = argmax_c p_c == y (ties -> lowest class).
+    dichotomous_difficulty: +1 if every member is wrong ("impossible"), -1 if every member
+                    classifies the example correctly ("trivial"), 0 if mixed: the dichotomous data
+                    difficulty of Meding et al. 2022 ("Trivial or Impossible -- dichotomous data
+                    difficulty masks model differences"), signed so that higher is harder.
+                    Correct = argmax_c p_c == y (ties -> lowest class).
     js_divergence:  generalised Jensen-Shannon divergence of the members' distributions with equal
                     weights, H(mean_r p_r) - mean_r H(p_r), in nats (in [0, log R]).
-    frac_correct:   fraction of members that classify the example correctly.
+    frac_incorrect: fraction of members that misclassify the example (1 - fraction correct).
+
+  These are written to `<workdir>/ensemble_scores.npz` as they are, so every score file of a run
+  follows the one convention. Runs before this change wrote `dichotomous` (+1 trivial) and
+  `frac_correct` instead, higher = easier; `jaxdiff.scores.NEGATED` still lists those two names so
+  that readers orienting an old file (`scores.orient`) negate them.
 
   Args:
     probs: `[R, N, C]` probabilities (e.g. `jax.nn.softmax(logits)`), rows summing to 1.
@@ -28,7 +34,7 @@ def ensemble_scores(probs: Any, labels: Any, member_mask: Any = None) -> dict[st
     member_mask: optional bool `[R]`; members set to False (e.g. diverged) are left out.
 
   Returns:
-    name -> float32 `[N]`, natural orientation (higher dichotomous / frac_correct = easier).
+    name -> float32 `[N]`, higher = harder.
   """
   p = np.asarray(probs, np.float64)
   labels = np.asarray(labels)
@@ -42,9 +48,9 @@ def ensemble_scores(probs: Any, labels: Any, member_mask: Any = None) -> dict[st
       raise ValueError("member_mask leaves no member")
     p = p[mask]
   correct = p.argmax(-1) == labels[None, :]  # [R', N]
-  dichotomous = np.where(correct.all(0), 1.0, np.where(~correct.any(0), -1.0, 0.0))
+  dichotomous = np.where(~correct.any(0), 1.0, np.where(correct.all(0), -1.0, 0.0))
   entropy = lambda q: special.entr(q).sum(-1)  # entr(0) = 0
   js = entropy(p.mean(0)) - entropy(p).mean(0)
-  return {"dichotomous": dichotomous.astype(np.float32),
+  return {"dichotomous_difficulty": dichotomous.astype(np.float32),
           "js_divergence": np.maximum(js, 0.0).astype(np.float32),
-          "frac_correct": correct.mean(0).astype(np.float32)}
+          "frac_incorrect": (~correct).mean(0).astype(np.float32)}

@@ -59,10 +59,16 @@ class EpochAccumulator:
     aum_prob:       the same on probabilities, (1/T) sum_t margin_prob_t.
     forgetting_events:     number of t with correct_{t-1} = 1 and correct_t = 0 (Toneva et al. 2019,
                     "An Empirical Study of Example Forgetting"); the first record has no
-                    predecessor.
-                    Never-learned examples have 0 here; see `never_learned` and the next entry.
+                    predecessor. Never-learned examples (never correct at a recorded step) get
+                    T // 2 + 1: a learned example is forgotten at most T // 2 times (each event
+                    needs a correct record before it, and the first record cannot be one), so
+                    never-learned examples rank as the hardest, as in Toneva et al.'s sorting,
+                    with a finite value that the statistics can use. The value depends on T
+                    alone, the same for every member, so a member's scores do not depend on the
+                    other members (member identity, merging blocks of runs, resuming).
     forgetting_events_inf: as above but +inf for never-learned examples, Toneva et al.'s convention
-                    when sorting (never-learned examples count as forgotten infinitely often).
+                    when sorting (never-learned examples count as forgotten infinitely often);
+                    left out by the analysis, which needs finite values.
     never_learned:  1.0 if never correct at a recorded step, else 0.0.
     learning_time:  first recorded step at which correct; never learned -> s_T + 1.
     learning_time_inf:     as above, never learned -> +inf.
@@ -147,6 +153,7 @@ class EpochAccumulator:
     unstable = state["streak_start"] < 0
     consistent, consistent_inf = _times(state["streak_start"], unstable, last)
     f32 = lambda a: np.asarray(a, np.float32)
+    never_value = n // 2 + 1  # above any count a learned example can reach in n records
     return {
         "mean_loss": f32(state["sum_loss"] / n),
         "mean_p_y": f32(state["mean_p_y"]),
@@ -154,7 +161,7 @@ class EpochAccumulator:
         "mean_correct": f32(state["sum_correct"] / n),
         "aum": f32(state["sum_margin_logit"] / n),
         "aum_prob": f32(state["sum_margin_prob"] / n),
-        "forgetting_events": forgetting,
+        "forgetting_events": np.where(never, never_value, forgetting).astype(np.float32),
         "forgetting_events_inf": np.where(never, np.inf, forgetting).astype(np.float32),
         "never_learned": f32(never),
         "learning_time": learning_time,
@@ -223,7 +230,10 @@ class MinibatchForgetting:
 
   `finalize` gives, as float32 `[R, N]` (the same definitions as `EpochAccumulator` with
   "presentations" in place of "recorded steps"; times are the caller's step numbers):
-    mb_forgetting_events, mb_forgetting_events_inf (never learned -> +inf), mb_never_learned,
+    mb_forgetting_events (never learned -> P_r // 2 + 1, P_r the most presentations of any example
+    to member r: above any count of that member's learned examples, so never-learned examples rank
+    hardest; it depends on member r's own minibatches only, so a member's scores do not depend on
+    the other members), mb_forgetting_events_inf (never learned -> +inf), mb_never_learned,
     mb_learning_time (never -> last step + 1), mb_learning_time_inf,
     mb_consistent_learning_time (correct at this and every later presentation; else last step + 1),
     mb_consistent_learning_time_inf, mb_unforgettable, mb_presentations (how often it was seen;
@@ -289,8 +299,9 @@ class MinibatchForgetting:
     learning_time, learning_time_inf = _times(s["first_correct"], never, last)
     unstable = s["streak_start"] < 0
     consistent, consistent_inf = _times(s["streak_start"], unstable, last)
+    never_value = s["presentations"].max(axis=1, keepdims=True) // 2 + 1  # [R, 1], per member
     return {
-        "mb_forgetting_events": forgetting,
+        "mb_forgetting_events": np.where(never, never_value, forgetting).astype(np.float32),
         "mb_forgetting_events_inf": np.where(never, np.inf, forgetting).astype(np.float32),
         "mb_never_learned": never.astype(np.float32),
         "mb_learning_time": learning_time,
