@@ -15,6 +15,7 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff import cli  # pylint: disable=g-import-not-at-top
 from jaxdiff import scores  # pylint: disable=g-import-not-at-top
 from jaxdiff import store
 
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

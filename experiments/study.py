@@ -18,6 +18,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdiff import ensemble  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdiff import study  # noqa: E402
 
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff import cli  # pylint: disable=g-import-not-at-top
 from jaxdiff import ensemble  # pylint: disable=g-import-not-at-top
 from jaxdiff import train
 
@@ -29,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
