@@ -12,7 +12,6 @@ import sys
 
 from absl import app
 from absl import flags
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import cli  # pylint: disable=g-import-not-at-top
@@ -29,7 +28,7 @@ def main(argv):
   if not os.path.exists(path):
     raise app.UsageError(f"{path} does not exist: train with --config.data.label_noise > 0")
   s = store.load_scores(os.path.join(_WORKDIR.value, "scores"))
-  noisy = np.load(path)
+  noisy = store.load_npy(path, (s.example_ids.size,), what="flipped labels").astype(bool)
   rows = scores.auroc_table({k: s.get(k) for k in s.scores if k != "mb_presentations"}, noisy)
   lines = [f"Label noise {noisy.mean():.0%} ({int(noisy.sum())} of {noisy.size}), "
            f"{s.meta.get('arch')}, R={rows[0]['runs'] if rows else 0}, "

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -45,6 +48,8 @@ class Dataset:
     example_ids: int64 `[N]` stable example ids (the index into the original training set).
     y_train_clean: int32 `[N]` labels before label noise.
     noise_mask: bool `[N]`, True where the label was flipped.
+    source: the options of the data config that decide the data (name, generator seed, sizes,
+      path, label noise and, with noise, its seed), as `fingerprint()` records them.
   """
   name: str
   x_train: np.ndarray
@@ -56,16 +61,38 @@ class Dataset:
   example_ids: np.ndarray
   y_train_clean: np.ndarray
   noise_mask: np.ndarray
+  source: dict = dataclasses.field(default_factory=dict)
 
   @property
   def num_train(self) -> int:
     return int(self.y_train.shape[0])
 
   def fingerprint(self) -> dict:
-    """Small summary identifying the data (stored in workdirs to refuse mixing datasets)."""
+    """A small JSON-able record identifying the training data (stored in score metadata, so that
+    workdirs trained on other data are never combined: `store.check_same_data`).
+
+    Returns:
+      {"name", "num_train", "num_test", "num_classes", "input_shape", "num_noisy", "data" (the
+       `source` options), and hex SHA-256 digests of the bytes of: "x_train_sha256" (float32
+       little-endian inputs), "labels_sha256" (int32 labels actually trained on, after noise),
+       "noise_mask_sha256" (uint8 mask), "test_sha256" (x_test float32 then y_test int32)}.
+    """
+    return dict(self._fingerprint)
+
+  @functools.cached_property
+  def _fingerprint(self) -> dict:  # the hashes read every byte of the data once
+    def digest(*arrays):
+      h = hashlib.sha256()
+      for a, dtype in arrays:
+        h.update(np.ascontiguousarray(a, dtype).tobytes())
+      return h.hexdigest()
     return {"name": self.name, "num_train": self.num_train, "num_test": int(self.y_test.shape[0]),
             "num_classes": self.num_classes, "input_shape": list(self.x_train.shape[1:]),
-            "num_noisy": int(self.noise_mask.sum())}
+            "num_noisy": int(self.noise_mask.sum()), "data": dict(self.source),
+            "x_train_sha256": digest((self.x_train, "<f4")),
+            "labels_sha256": digest((self.y_train, "<i4")),
+            "noise_mask_sha256": digest((self.noise_mask, "u1")),
+            "test_sha256": digest((self.x_test, "<f4"), (self.y_test, "<i4"))}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -118,6 +145,15 @@ def validate_arrays(x_train, y_train, x_test=None, y_test=None, num_classes=None
     if x.ndim == 3 and split == "train" and x.shape[-1] not in (1, 3):
       pass  # [N, H, W] grayscale; a channel axis is added below
     out.append((x, y))
+  if len(labels_all) == 2:  # a class seen only in testing would be added silently
+    only_test = np.setdiff1d(np.unique(labels_all[1]), np.unique(labels_all[0]))
+    if only_test.size:
+      lab = only_test[0].item()
+      more = (f"; also labels {[v.item() for v in only_test[1:6]]}" if only_test.size > 1
+              else "")
+      raise DataError(f"{source}: label {lab} appears only in the test split (y_test has "
+                      f"{int((labels_all[1] == lab).sum())} examples of it, y_train none{more}); "
+                      "every class needs training examples")
   max_label = max(int(y.max()) for y in labels_all)
   if num_classes is None:
     num_classes = max_label + 1
@@ -246,10 +282,13 @@ def load_dataset(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
   """
   get = (lambda k, d=None: config.get(k, d))
   name = get("name", "mnist1d")
+  noise, noise_seed = _noise_options(get("label_noise", 0.0), get("noise_seed", 0))
   if name == "mnist1d":
     x_tr, y_tr, x_te, y_te = load_mnist1d(get("num_samples", 5000), get("train_split", 0.8),
                                           get("seed", 42))
     num_classes, kind, full_name = 10, "signal", "mnist1d"
+    source = {"name": name, "num_samples": int(get("num_samples", 5000)),
+              "train_split": float(get("train_split", 0.8)), "seed": int(get("seed", 42))}
   elif name in ("npz", "arrays"):
     if name == "npz":
       path = get("path", "")
@@ -260,19 +299,21 @@ def load_dataset(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
           arrays = {k: f[k] for k in f.files}
       except Exception as e:  # pylint: disable=broad-except
         raise DataError(f"npz dataset: cannot read {path!r}: {e}") from e
-      source = f"npz file {path!r}"
+      where = f"npz file {path!r}"
       full_name = f"npz:{os.path.abspath(path)}"
+      source = {"name": name, "path": os.path.abspath(path)}
     else:
       if arrays is None:
         raise DataError("dataset 'arrays' needs the arrays passed in (arrays={...})")
-      source = "user arrays"
+      where = "user arrays"
       full_name = get("label", "arrays")
+      source = {"name": name, "label": full_name}
     missing = [k for k in ("x_train", "y_train") if k not in arrays]
     if missing:
-      raise DataError(f"{source} is missing {missing}; it must hold x_train, y_train and "
+      raise DataError(f"{where} is missing {missing}; it must hold x_train, y_train and "
                       f"optionally x_test, y_test (has {sorted(arrays)})")
     vals = validate_arrays(arrays["x_train"], arrays["y_train"], arrays.get("x_test"),
-                           arrays.get("y_test"), get("num_classes") or None, source)
+                           arrays.get("y_test"), get("num_classes") or None, where)
     if len(vals) == 5:
       x_tr, y_tr, x_te, y_te, num_classes = vals
     else:  # no test split given: evaluate on the training set
@@ -285,6 +326,7 @@ def load_dataset(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
     x_tr, x_te = _normalise(x_tr, x_te, "image")
     y_tr, y_te = y_tr.astype(np.int32), y_te.astype(np.int32)
     kind, full_name = "image", tname
+    source = {"name": tname}
   else:
     raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)} "
                     "(or 'tfds:<name>' for any tfds image dataset)")
@@ -297,16 +339,34 @@ def load_dataset(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
       raise DataError(f"data.num_train={num_train} exceeds the {x_tr.shape[0]} training examples")
     x_tr, y_tr = x_tr[:num_train], y_tr[:num_train]
   y_clean = y_tr.copy()
-  noise = float(get("label_noise", 0.0) or 0.0)
+  source.update(num_train=num_train, label_noise=noise)
   if noise:
-    y_tr, mask = add_label_noise(y_tr, num_classes, noise, int(get("noise_seed", 0)))
+    if num_classes < 2:
+      raise DataError(f"data.label_noise={noise}: flipping labels needs at least 2 classes; this "
+                      f"dataset has {num_classes}")
+    y_tr, mask = add_label_noise(y_tr, num_classes, noise, noise_seed)
+    source["noise_seed"] = noise_seed  # without noise the seed changes nothing
   else:
     mask = np.zeros(y_tr.shape[0], bool)
   return Dataset(name=full_name, x_train=np.ascontiguousarray(x_tr, np.float32), y_train=y_tr,
                  x_test=np.ascontiguousarray(x_te, np.float32), y_test=y_te,
                  num_classes=int(num_classes), kind=kind,
                  example_ids=np.arange(x_tr.shape[0], dtype=np.int64), y_train_clean=y_clean,
-                 noise_mask=mask)
+                 noise_mask=mask, source=source)
+
+
+def _noise_options(label_noise: Any, noise_seed: Any) -> tuple[float, int]:
+  """Checked `data.label_noise` (a fraction in [0, 1)) and `data.noise_seed` (an integer >= 0)."""
+  label_noise = 0.0 if label_noise is None else label_noise
+  noise_seed = 0 if noise_seed is None else noise_seed
+  if (isinstance(label_noise, bool) or not isinstance(label_noise, numbers.Real)
+      or not math.isfinite(label_noise) or not 0.0 <= label_noise < 1.0):
+    raise DataError(f"data.label_noise={label_noise!r}: must be a fraction in [0, 1) (the share "
+                    "of training labels flipped)")
+  if (isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral)
+      or noise_seed < 0):
+    raise DataError(f"data.noise_seed={noise_seed!r}: must be a non-negative integer")
+  return float(label_noise), int(noise_seed)
 
 
 # ----------------------------------------------------------------------------- in-step ops

@@ -58,6 +58,11 @@ def _valid_members(w: heldout.WorkdirArrays, members: Sequence[int] | None) -> l
 # ----------------------------------------------------------------------------- cleanlab
 
 
+def _check_cleanlab(w: heldout.WorkdirArrays) -> None:
+  if not w.valid.any():
+    raise ValueError("every member diverged: no predicted probabilities to export")
+
+
 def cleanlab_arrays(w: heldout.WorkdirArrays, min_holdout: int = 1) -> dict[str, Any]:
   """`pred_probs` and `labels` as cleanlab's `find_label_issues(labels, pred_probs)` takes them.
 
@@ -70,9 +75,8 @@ def cleanlab_arrays(w: heldout.WorkdirArrays, min_holdout: int = 1) -> dict[str,
     {"pred_probs": float64 [N, C], "labels": int64 [N], "oos_count": int64 [N],
      "out_of_sample": bool [N]}.
   """
+  _check_cleanlab(w)
   probs = heldout.softmax(w.logits)
-  if not w.valid.any():
-    raise ValueError("every member diverged: no predicted probabilities to export")
   ens = probs[w.valid].mean(0)
   if w.has_subsets:
     p, count = heldout.oos_probs(probs, w.mask, w.valid, min_holdout=min_holdout)
@@ -144,6 +148,25 @@ def _history_logits(w: heldout.WorkdirArrays, what: str) -> list[str]:
   return w.history
 
 
+def _load_history(w: heldout.WorkdirArrays, path: str, header_only: bool = False):
+  """One epoch's logits `[R, N, C]` (or only their shape, checked), naming the file if broken."""
+  return store.load_npz_array(path, "logits", w.logits.shape, names=("R", "N", "C"),
+                              header_only=header_only, what="one epoch's logits")
+
+
+def _cartography_history(w: heldout.WorkdirArrays) -> list[str]:
+  """The history files of a cartography export, checked to be every epoch from 1, whole, and of
+  the final logits' shape (their headers only)."""
+  paths = _history_logits(w, "the cartography export")
+  epochs = [_epoch_of(p) for p in paths]
+  if epochs != list(range(1, len(epochs) + 1)):
+    raise ValueError(f"history/ of {w.workdir!r} has epochs {epochs[:5]}...; cartography needs "
+                     "every epoch from 1 (an interrupted history?)")
+  for p in paths:
+    _load_history(w, p, header_only=True)
+  return paths
+
+
 def _epoch_of(path: str) -> int:
   return int(re.search(r"epoch_(\d+)\.npz$", path).group(1))
 
@@ -170,18 +193,13 @@ def export_cartography(w: heldout.WorkdirArrays | str, out_dir: str, *,
     the member directories (pass one as cartography's model_dir).
   """
   w = _arrays(w)
-  paths = _history_logits(w, "the cartography export")
-  epochs = [_epoch_of(p) for p in paths]
-  if epochs != list(range(1, len(epochs) + 1)):
-    raise ValueError(f"history/ of {w.workdir!r} has epochs {epochs[:5]}...; cartography needs "
-                     "every epoch from 1 (an interrupted history?)")
+  paths = _cartography_history(w)
   chosen = _valid_members(w, members)
   labels = np.asarray(w.labels, np.int64)
   ids = np.asarray(w.example_ids, np.int64)
   dirs = [os.path.join(out_dir, f"member_{r:03d}", "training_dynamics") for r in chosen]
   for k, path in enumerate(paths):
-    with np.load(path) as h:
-      logits = h["logits"]
+    logits = _load_history(w, path)
     for r, d in zip(chosen, dirs):
       keep = w.mask[r] if only_trained else np.ones(ids.shape, bool)
       df = pd.DataFrame({"guid": ids[keep],
@@ -219,6 +237,20 @@ def margins(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
           "margin": target - other}
 
 
+def _stored_aum(w: heldout.WorkdirArrays) -> np.ndarray | None:
+  """scores/aum.npy `[R, N]` as stored (checked against its SHA-256), or None without it."""
+  path = os.path.join(w.workdir, "scores", "aum.npy")
+  if not os.path.exists(path):
+    return None
+  return store.load_npy(path, w.mask.shape, sha256=(w.meta.get("sha256") or {}).get("aum.npy"))
+
+
+def _check_aum(w: heldout.WorkdirArrays) -> None:
+  if _stored_aum(w) is None:
+    for p in _history_logits(w, "AUM (no scores/aum.npy)"):
+      _load_history(w, p, header_only=True)
+
+
 def export_aum(w: heldout.WorkdirArrays | str, out_dir: str, *,
                members: Sequence[int] | None = None, full_records: bool = False) -> dict:
   """AUM values as the `aum` package's `AUMCalculator.finalize` writes them.
@@ -239,12 +271,12 @@ def export_aum(w: heldout.WorkdirArrays | str, out_dir: str, *,
   w = _arrays(w)
   chosen = _valid_members(w, members)
   ids = np.asarray(w.example_ids, np.int64)
-  path = os.path.join(w.workdir, "scores", "aum.npy")
-  if os.path.exists(path):
-    aum = _natural(w, "aum", np.load(path).astype(np.float64))
+  stored = _stored_aum(w)
+  if stored is not None:
+    aum = _natural(w, "aum", stored.astype(np.float64))
   else:
     paths = _history_logits(w, "AUM (no scores/aum.npy)")
-    aum = np.mean([margins(np.load(p)["logits"], w.labels)["margin"] for p in paths], axis=0)
+    aum = np.mean([margins(_load_history(w, p), w.labels)["margin"] for p in paths], axis=0)
   files = []
 
   def write(df, p):
@@ -265,7 +297,7 @@ def export_aum(w: heldout.WorkdirArrays | str, out_dir: str, *,
       "aum", ascending=False, kind="stable"), os.path.join(out_dir, "aum_values.csv"))
   if full_records:
     paths = _history_logits(w, "full AUM records")
-    per_epoch = [margins(np.load(p)["logits"], w.labels) for p in paths]  # each [R, N]
+    per_epoch = [margins(_load_history(w, p), w.labels) for p in paths]  # each [R, N]
     e = len(per_epoch)
     for r in chosen:
       keep = w.mask[r]
@@ -320,8 +352,7 @@ def tidy_table(w: heldout.WorkdirArrays | str, *, include_diverged: bool = False
     add(name, s.scores[name][keep_runs], keep_runs)
   epath = os.path.join(w.workdir, "ensemble_scores.npz")
   if os.path.exists(epath):
-    with np.load(epath) as f:
-      ens = scores_lib.orient({k: f[k] for k in f.files}, strict=False)
+    ens = scores_lib.orient(store.load_npz(epath, what="ensemble scores"), strict=False)
     for name in sorted(ens):
       add(name, ens[name], [-1])
       if name in scores_lib.NEGATED:
@@ -377,12 +408,30 @@ def export_tidy(w: heldout.WorkdirArrays | str, out_dir: str, *, fmt: str = "aut
 
 
 def export(workdir: str, out_dir: str, formats: Iterable[str] = FORMATS) -> dict[str, Any]:
-  """Writes the chosen `formats` (subset of FORMATS) of `workdir` under `out_dir/<format>/`."""
+  """Writes the chosen `formats` (subset of FORMATS) of `workdir` under `out_dir/<format>/`.
+
+  Raises:
+    ValueError (store.StoreError for files) listing every format that cannot be written and why
+    (e.g. cartography without history/), before anything is written.
+  """
   formats = [formats] if isinstance(formats, str) else list(formats)
   bad = [f for f in formats if f not in FORMATS]
   if bad or not formats:
     raise ValueError(f"unknown export format(s) {bad or formats}; valid: {', '.join(FORMATS)}")
   w = heldout.read_workdir(workdir)
+  # Every format is checked before the first file is written: a refused export writes nothing.
+  checks = {"cleanlab": _check_cleanlab, "cartography": _cartography_history,
+            "aum": _check_aum,
+            "tidy": lambda w: store.load_scores(os.path.join(w.workdir, "scores"))}
+  problems = []
+  for f in formats:
+    try:
+      checks[f](w)
+    except ValueError as e:  # store.StoreError included
+      problems.append(f"{f}: {e}")
+  if problems:
+    raise ValueError(f"cannot export {workdir!r} (nothing written; drop the format from --format "
+                     "or fix the workdir):\n" + "\n".join(problems))
   done = {}
   for f in formats:
     sub = os.path.join(out_dir, f)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from typing import Any, Sequence
 
@@ -342,35 +341,34 @@ def read_workdir(workdir: str) -> WorkdirArrays:
   Raises:
     store.StoreError when the workdir has no scores or no logits.
   """
-  meta_path = os.path.join(workdir, "scores", store.META)
-  if not os.path.exists(meta_path):
+  scores_dir = os.path.join(workdir, "scores")
+  if not os.path.exists(os.path.join(scores_dir, store.META)):
     raise store.StoreError(f"{workdir!r} has no scores/{store.META}: not a finished training "
                            "workdir")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = store.read_meta(scores_dir)
   runs, n = int(meta["num_runs"]), int(meta["num_examples"])
-  labels = np.load(os.path.join(workdir, "scores", "labels.npy"))
-  example_ids = np.load(os.path.join(workdir, "scores", "example_ids.npy"))
+  digests = meta.get("sha256") or {}
+  labels, example_ids = (store.load_npy(os.path.join(scores_dir, f), (n,), sha256=digests.get(f))
+                         for f in ("labels.npy", "example_ids.npy"))
   history = history_paths(workdir)
   path = os.path.join(workdir, "logits.npy")
+  shape, names = (runs, n, None), ("R", "N", "C")
   if os.path.exists(path):
-    logits = np.load(path)
+    logits = store.load_npy(path, shape, names=names, what="final logits")
   elif history:
-    with np.load(history[-1]) as h:
-      logits = h["logits"]
+    logits = store.load_npz_array(history[-1], "logits", shape, names=names,
+                                  what="final logits")
   else:
     raise store.StoreError(f"{workdir!r} has no logits.npy (written when under 1 GiB) and no "
                            "history/: retrain, or with scores.save_history=True")
-  if logits.ndim != 3 or logits.shape[:2] != (runs, n):
-    raise store.StoreError(f"logits have shape {logits.shape}, expected ({runs}, {n}, C)")
   mpath = os.path.join(workdir, "subset_mask.npy")
-  mask = np.load(mpath).astype(bool) if os.path.exists(mpath) else np.ones((runs, n), bool)
-  if mask.shape != (runs, n):
-    raise store.StoreError(f"{mpath!r} has shape {mask.shape}, expected ({runs}, {n})")
+  mask = (store.load_npy(mpath, (runs, n), what="subset mask").astype(bool)
+          if os.path.exists(mpath) else np.ones((runs, n), bool))
   fractions = np.asarray(meta.get("subset_fractions", [1.0] * runs), np.float64)
   valid = ~np.asarray(meta.get("diverged", [False] * runs), bool)
   npath = os.path.join(workdir, "noise_mask.npy")
-  noise = np.load(npath).astype(bool) if os.path.exists(npath) else None
+  noise = (store.load_npy(npath, (n,), what="flipped labels").astype(bool)
+           if os.path.exists(npath) else None)
   return WorkdirArrays(workdir=workdir, logits=logits, labels=labels, example_ids=example_ids,
                        mask=mask, fractions=fractions, valid=valid, noise_mask=noise, meta=meta,
                        history=history)
@@ -624,3 +622,64 @@ def summary_markdown(w: WorkdirArrays, result: HeldoutResult, auroc_rows: list[d
               for r in auroc_rows]
     lines.append("")
   return "\n".join(lines)
+
+
+def write_report(workdir: str, out_dir: str, *, min_holdout: int = 2,
+                 full_data_workdir: str | None = None) -> str:
+  """The held-out report of a workdir trained on subsets, written to `out_dir`.
+
+  Files: the arrays of `save_result`, c_score_hist.png, summary.md and, with label noise,
+  noise_auroc.{json,md} (with the stored scores of `full_data_workdir`, an ensemble trained on
+  every example of the same data, as its "full-data" rows). Every input is read and checked, and
+  everything computed, before the first file is written: a refused input leaves `out_dir` as it
+  was.
+
+  Returns:
+    the markdown summary.
+
+  Raises:
+    ValueError (store.StoreError for files): a workdir without subsets, a missing, corrupt or
+      truncated file (named), a full-data workdir trained on other data (naming the difference)
+      or given for a workdir without label noise.
+  """
+  w = read_workdir(workdir)
+  if not w.has_subsets:
+    raise ValueError(f"{workdir} was trained without subsets (every member saw every example): "
+                     "retrain with --config.subset_fraction=0.5")
+  noisy = w.noise_mask is not None and bool(w.noise_mask.any())
+  full = None
+  if full_data_workdir:
+    if not noisy:
+      raise ValueError(f"full_data_workdir={full_data_workdir!r} only adds rows to the label-noise "
+                       f"AUROC table, and {workdir!r} has no flipped labels (train both with "
+                       "--config.data.label_noise > 0)")
+    store.check_distinct_paths([workdir, full_data_workdir])
+    f = read_workdir(full_data_workdir)
+    fs = store.load_scores(os.path.join(full_data_workdir, "scores"))
+    store.check_compatible({workdir: store.load_scores(os.path.join(workdir, "scores")),
+                            full_data_workdir: fs})
+    if f.noise_mask is None or not np.array_equal(f.noise_mask, w.noise_mask):
+      raise store.StoreError(f"{full_data_workdir!r} flipped other labels than {workdir!r}: "
+                             "train it with the same data.label_noise and data.noise_seed")
+    full = {k: fs.get(k) for k in fs.scores if k != "mb_presentations"}
+  res = analyze(w, min_holdout=min_holdout)
+  rows = None
+  if noisy:
+    s = store.load_scores(os.path.join(workdir, "scores"))
+    held, insample = heldout_difficulty(res)
+    rows, _ = noise_auroc_rows(held, insample,
+                               {k: s.get(k) for k in s.scores if k != "mb_presentations"},
+                               w.noise_mask, full_data_scores=full)
+  text = summary_markdown(w, res, rows, min_holdout=min_holdout, figure="c_score_hist.png")
+  # Inputs checked and results computed: only now write.
+  save_result(res, out_dir, w.example_ids)
+  plot_c_scores(res.c, os.path.join(out_dir, "c_score_hist.png"), w.noise_mask,
+                title=f"{w.meta.get('arch')}, R={w.mask.shape[0]}, "
+                      f"{w.meta.get('num_epochs')} epochs")
+  if rows is not None:
+    store.atomic_write_json(os.path.join(out_dir, "noise_auroc.json"), rows)
+  store.atomic_write_text(os.path.join(out_dir, "summary.md"), text)
+  if rows:
+    store.atomic_write_text(os.path.join(out_dir, "noise_auroc.md"),
+                            text[text.index("Label-noise AUROC"):])
+  return text

@@ -1,5 +1,7 @@
 """Tests of jaxdiff.data: MNIST-1D generation, tfds (mock), user arrays, label noise, augmentation."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,7 @@ def test_user_arrays_and_npz(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(30, 8, 8)).astype(np.float64)
   y = rng.integers(0, 4, 30)
+  y[:4] = np.arange(4)  # every class in the training part of the npz below
   ds = data_lib.load_dataset({"name": "arrays"}, {"x_train": x, "y_train": y})
   assert ds.kind == "image" and ds.x_train.shape == (30, 8, 8, 1) and ds.num_classes == 4
   np.testing.assert_allclose(ds.x_train[..., 0], x.astype(np.float32))
@@ -117,3 +120,64 @@ def test_epoch_permutations_and_augmentation():
     assert match, i
     flips += match[0]
   assert 0 < flips < 16
+
+
+# ------------------------------------------------------------------------------------------------
+# What identifies the training data, and the checks of the noise and split options (issue 16).
+
+
+def _sha(a, dtype):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(np.ascontiguousarray(a, dtype).tobytes()).hexdigest()
+
+
+def test_fingerprint_hashes_the_data_actually_trained_on():
+  cfg = {"name": "mnist1d", "num_samples": 500, "seed": 42, "label_noise": 0.1, "noise_seed": 0}
+  ds = data_lib.load_dataset(cfg)
+  fp = ds.fingerprint()
+  assert fp["x_train_sha256"] == _sha(ds.x_train, "<f4")
+  assert fp["labels_sha256"] == _sha(ds.y_train, "<i4")  # after noise, not y_train_clean
+  assert fp["labels_sha256"] != _sha(ds.y_train_clean, "<i4")
+  assert fp["noise_mask_sha256"] == _sha(ds.noise_mask, "u1")
+  import hashlib  # pylint: disable=g-import-not-at-top
+  ref = hashlib.sha256(np.ascontiguousarray(ds.x_test, "<f4").tobytes()
+                       + np.ascontiguousarray(ds.y_test, "<i4").tobytes()).hexdigest()
+  assert fp["test_sha256"] == ref
+  assert fp["data"] == {"name": "mnist1d", "num_samples": 500, "train_split": 0.8, "seed": 42,
+                        "num_train": 0, "label_noise": 0.1, "noise_seed": 0}
+  assert fp["num_noisy"] == 40 and json.loads(json.dumps(fp)) == fp  # small and JSON-able
+  assert data_lib.load_dataset(dict(cfg)).fingerprint() == fp
+  other_seed = data_lib.load_dataset(dict(cfg, seed=43)).fingerprint()
+  assert other_seed["x_train_sha256"] != fp["x_train_sha256"]
+  assert other_seed["data"]["seed"] == 43
+  other_noise = data_lib.load_dataset(dict(cfg, noise_seed=1)).fingerprint()
+  assert other_noise["x_train_sha256"] == fp["x_train_sha256"]
+  assert other_noise["labels_sha256"] != fp["labels_sha256"]
+  assert other_noise["noise_mask_sha256"] != fp["noise_mask_sha256"]
+  # Without label noise the noise seed changes nothing, so it is not part of the identity.
+  clean = data_lib.load_dataset(dict(cfg, label_noise=0.0)).fingerprint()
+  assert clean == data_lib.load_dataset(dict(cfg, label_noise=0.0, noise_seed=5)).fingerprint()
+  assert "noise_seed" not in clean["data"]
+
+
+def test_label_only_in_the_test_split_is_refused():
+  x = np.zeros((6, 3))
+  with pytest.raises(data_lib.DataError, match="label 7 appears only in the test split"):
+    data_lib.load_dataset({"name": "arrays"}, {"x_train": x, "y_train": np.array([0, 1, 2] * 2),
+                                              "x_test": x[:3], "y_test": np.array([0, 7, 1])})
+  with pytest.raises(data_lib.DataError, match="label 2 appears only in the test split"):
+    data_lib.load_dataset({"name": "arrays", "num_classes": 4},
+                          {"x_train": x, "y_train": np.array([0, 1, 3] * 2),
+                           "x_test": x[:3], "y_test": np.array([2, 1, 0])})
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"noise_seed": -1}, r"data\.noise_seed=-1: must be a non-negative integer"),
+    ({"noise_seed": 1.5}, r"data\.noise_seed=1\.5: must be a non-negative integer"),
+    ({"label_noise": 1.0}, r"data\.label_noise=1\.0: must be a fraction in \[0, 1\)"),
+    ({"label_noise": -0.1}, r"data\.label_noise=-0\.1: must be a fraction in \[0, 1\)"),
+    ({"label_noise": float("nan")}, r"data\.label_noise=nan: must be a fraction in \[0, 1\)"),
+])
+def test_bad_noise_options_name_the_field(over, match):
+  with pytest.raises(data_lib.DataError, match=match):
+    data_lib.load_dataset(dict({"name": "mnist1d", "num_samples": 500, "label_noise": 0.1}, **over))

@@ -241,3 +241,33 @@ def test_scripts_end_to_end_on_a_real_workdir(tmp_path):
   rows, _ = heldout.noise_auroc_rows(held, insample, {k: s.get(k) for k in s.scores}, w.noise_mask)
   assert {r["kind"] for r in rows} == {"held-out", "in-sample", "stored"}
   assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+
+
+def test_impossible_format_writes_nothing(tmp_path):
+  _make_workdir(str(tmp_path / "w"), history=False)
+  os.unlink(tmp_path / "w" / "scores" / "aum.npy")
+  meta = json.loads((tmp_path / "w" / "scores" / "meta.json").read_text())
+  meta["score_names"].remove("aum")
+  meta.get("sha256", {}).pop("aum.npy", None)
+  (tmp_path / "w" / "scores" / "meta.json").write_text(json.dumps(meta))
+  out = tmp_path / "out"
+  # Default formats: cartography and AUM need history/; both named, nothing written.
+  with pytest.raises(ValueError, match=r"cartography.*history/.*\n.*aum.*history/"):
+    export.export(str(tmp_path / "w"), str(out))
+  assert not out.exists()
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "export.py"),
+                        f"--workdir={tmp_path / 'w'}", f"--out={out}"], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and "save_history" in res.stderr and not out.exists()
+  export.export(str(tmp_path / "w"), str(out), ["cleanlab", "tidy"])
+  assert sorted(os.listdir(out)) == ["cleanlab", "tidy"]
+
+
+def test_truncated_logits_are_named_and_nothing_is_written(tmp_path):
+  _make_workdir(str(tmp_path / "w"))
+  path = tmp_path / "w" / "logits.npy"
+  path.write_bytes(path.read_bytes()[:-9])
+  with pytest.raises(store.StoreError, match=f"corrupt or truncated file '{path}'"):
+    export.export(str(tmp_path / "w"), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ Pure functions against Python-loop references and planted masks; one small real 
 memorisation, duplicated examples C-score near 1.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -232,3 +233,74 @@ def test_read_workdir_defaults_for_workdirs_without_subsets(tmp_path):
   np.save(tmp_path / "logits.npy", np.zeros((r, n, c), np.float32))
   w = heldout.read_workdir(str(tmp_path))
   assert w.mask.all() and not w.has_subsets and (w.fractions == 1).all() and w.noise_mask is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing written before every input is checked; errors that name the file (issue 16).
+
+
+def _noisy_workdir(path, noise_seed=0, subsets=True, r=6, n=40, c=3):
+  """A finished workdir by hand: scores, logits, subset and noise masks, with its fingerprint."""
+  rng = np.random.default_rng(0)
+  clean = rng.integers(0, c, n).astype(np.int32)
+  noise = np.random.default_rng(noise_seed).random(n) < 0.2
+  labels = np.where(noise, (clean + 1) % c, clean).astype(np.int32)
+  fp = {"name": "toy", "num_train": n, "labels_sha256": f"{noise_seed:064x}",
+        "noise_mask_sha256": f"{noise_seed + 7:064x}", "data": {"noise_seed": noise_seed}}
+  mask = rng.random((r, n)) < 0.5 if subsets else np.ones((r, n), bool)
+  store.save_scores(os.path.join(path, "scores"), {"loss": rng.random((r, n))},
+                    example_ids=np.arange(n), labels=labels,
+                    meta={"dataset": "toy", "dataset_fingerprint": fp, "arch": "mlp",
+                          "subset_fractions": [0.5 if subsets else 1.0] * r, "num_epochs": 2})
+  np.save(os.path.join(path, "logits.npy"), rng.normal(size=(r, n, c)).astype(np.float32))
+  np.save(os.path.join(path, "subset_mask.npy"), mask)
+  np.save(os.path.join(path, "noise_mask.npy"), noise)
+  return str(path)
+
+
+def test_other_full_data_workdir_writes_nothing(tmp_path):
+  w = _noisy_workdir(tmp_path / "w")
+  full_other = _noisy_workdir(tmp_path / "full", noise_seed=1, subsets=False)
+  out = tmp_path / "out"
+  with pytest.raises(store.StoreError,
+                     match=r"'.*full' and '.*w' were trained on different data \(labels_sha256"):
+    heldout.write_report(w, str(out), full_data_workdir=full_other)
+  assert not out.exists()
+  # The script: exit status 1, one line naming the difference, no output directory.
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "heldout.py"),
+                        f"--workdir={w}", f"--out={out}", f"--full_data_workdir={full_other}"],
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and "trained on different data" in res.stderr
+  assert "Traceback" not in res.stderr and not out.exists()
+  # The same data: everything is written, with the full-data rows in the AUROC table.
+  full_same = _noisy_workdir(tmp_path / "full_same", noise_seed=0, subsets=False)
+  heldout.write_report(w, str(out), full_data_workdir=full_same, min_holdout=1)
+  rows = json.loads((out / "noise_auroc.json").read_text())
+  assert "full-data" in {r["kind"] for r in rows}
+  assert (out / "c_score.npy").exists() and (out / "summary.md").exists()
+
+
+@pytest.mark.parametrize("fname", ["logits.npy", "subset_mask.npy", "noise_mask.npy",
+                                   "scores/labels.npy"])
+def test_truncated_workdir_file_is_named(tmp_path, fname):
+  w = _noisy_workdir(tmp_path / "w")
+  path = tmp_path / "w" / fname
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) - 5])
+  with pytest.raises(store.StoreError, match=f"corrupt or truncated file '{path}'"):
+    heldout.read_workdir(w)
+  with pytest.raises(store.StoreError, match=f"'{path}'"):
+    heldout.write_report(w, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_noise_auroc_script_names_a_truncated_noise_mask(tmp_path):
+  w = _noisy_workdir(tmp_path / "w")
+  path = tmp_path / "w" / "noise_mask.npy"
+  path.write_bytes(path.read_bytes()[:-5])
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "noise_auroc.py"),
+                        f"--workdir={w}"], env=env, capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and str(path) in res.stderr and "Traceback" not in res.stderr
+  assert not (tmp_path / "w" / "noise_auroc.md").exists()

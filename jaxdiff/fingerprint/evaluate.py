@@ -51,9 +51,15 @@ def load_workdirs(workdirs: Sequence[str], names: Sequence[str] | None = None
 
   Names default to each set's `meta["arch"]`, or to the workdir base names when those repeat
   (two CNN widths may both say "cnn").
+
+  Raises:
+    ValueError (store.StoreError): a missing or broken score directory, a workdir given twice (in
+      any spelling: compared by realpath). `collect_runs`, which combines the sets, refuses sets
+      trained on different data (`store.check_compatible`).
   """
   if not workdirs:
     raise ValueError("give at least one workdir")
+  store.check_distinct_paths(workdirs)
   sets = [store.load_scores(os.path.join(w, "scores")) for w in workdirs]
   if names is None or len(names) == 0:
     names = [str(s.meta.get("arch", "")) for s in sets]
