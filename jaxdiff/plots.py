@@ -102,14 +102,29 @@ def manhattan_plot(neg_log10_p: np.ndarray, panel_names: Sequence[str], path: st
     neg_log10_p: `[P, N]`; +inf (p = 0 exactly) is drawn at the top of the axis as a triangle.
     panel_names: `[P]` names.
     path: output PNG.
-    labels: `[N]` class labels: examples are ordered by label (then index) and coloured by it.
+    labels: `[N]` class labels: examples are ordered by label (then index), classes alternate
+      between two colours (named in the legend) and each class's block is labelled on the x axis.
     thresholds: per panel, name -> -log10 threshold (e.g. Bonferroni, BH), drawn as lines.
     title: figure title.
   """
+  return save_figure(manhattan_figure(neg_log10_p, panel_names, labels=labels,
+                                      thresholds=thresholds, title=title), path)
+
+
+def manhattan_figure(neg_log10_p: np.ndarray, panel_names: Sequence[str], *,
+                     labels: np.ndarray | None = None,
+                     thresholds: Sequence[Mapping[str, float]] | None = None,
+                     title: str = "") -> Figure:
+  """The `Figure` of `manhattan_plot` (same arguments, no path)."""
   v = np.atleast_2d(np.asarray(neg_log10_p, np.float64))
   p, n = v.shape
   order = np.argsort(labels, kind="stable") if labels is not None else np.arange(n)
-  colors = (np.asarray(labels)[order] % 2) if labels is not None else np.zeros(n)
+  classes, first, inverse = (np.unique(np.asarray(labels)[order], return_index=True,
+                                       return_inverse=True) if labels is not None
+                             else (np.zeros(1), np.zeros(1, int), np.zeros(n, int)))
+  colors = inverse % 2  # alternate colours by class block (the k-th class in sorted order)
+  names = {0: "classes " + ", ".join(str(c) for c in classes[0::2]),
+           1: "classes " + ", ".join(str(c) for c in classes[1::2])}
   fig = Figure(figsize=(10, 2.2 * p + 0.6))
   axes = fig.subplots(p, 1, squeeze=False, sharex=True)[:, 0]
   finite = v[np.isfinite(v)]
@@ -121,18 +136,22 @@ def manhattan_plot(neg_log10_p: np.ndarray, panel_names: Sequence[str], path: st
     for parity, color in ((0, "tab:blue"), (1, "tab:red")):
       # One Line2D per colour: far cheaper to draw than a per-point coloured scatter.
       sel = ~inf & (colors == parity)
-      ax.plot(pos[sel], y[sel], ".", ms=2, color=color, rasterized=True)
+      label = names[parity] if labels is not None and parity < len(classes) else None
+      ax.plot(pos[sel], y[sel], ".", ms=2, color=color, rasterized=True, label=label)
     if inf.any():
       ax.scatter(np.nonzero(inf)[0], np.full(inf.sum(), top), marker="^", s=6, c="k")
     for j, (name, value) in enumerate((thresholds[i] if thresholds else {}).items()):
       ax.axhline(value, color=f"C{j + 2}", lw=0.8, ls="--", label=f"{name} ({value:.1f})", zorder=3)
     ax.set_ylabel("-log10 p", fontsize=8)
     ax.set_title(panel_names[i], fontsize=9)
-    if thresholds:
-      ax.legend(fontsize=7, loc="upper right")
-  axes[-1].set_xlabel("example (ordered by class label)" if labels is not None else "example")
+    if thresholds or labels is not None:
+      ax.legend(fontsize=7, loc="upper right", markerscale=4)
+  if labels is not None:  # each class's block labelled at its centre
+    ends = np.append(first[1:], n)
+    axes[-1].set_xticks((first + ends - 1) / 2.0, [str(c) for c in classes], fontsize=7)
+  axes[-1].set_xlabel("example, grouped by class label" if labels is not None else "example")
   fig.suptitle(title)
-  return save_figure(fig, path)
+  return fig
 
 
 def spread_plot(mean: np.ndarray, std: np.ndarray, path: str, *,

@@ -529,7 +529,8 @@ def sensitivity_findings(sets: Mapping[str, store.ScoreSet], score: str, analysi
   (Fisher; `fingerprint.selection.anova_log_pvalues`) with Bonferroni over the N examples, and
   (b) examples significant for at least one architecture pair by per-pair Welch t-tests with
   Benjamini-Hochberg (the analysis' `sensitivity_counts`); "how sensitive" is the largest
-  |Hedges' g| over pairs of each sensitive example.
+  |Hedges' g| over pairs of each sensitive example. The most sensitive example ids are the
+  analysis' ranking (largest -log10 p of the pairwise Welch tests), the one its gallery shows.
   """
   from jaxdiff.fingerprint import selection  # pylint: disable=g-import-not-at-top
   archs = list(sets)
@@ -548,7 +549,10 @@ def sensitivity_findings(sets: Mapping[str, store.ScoreSet], score: str, analysi
   bh_any = bh.any(axis=0)
   eff = max_g[anova_sig]
   ids = sets[archs[0]].example_ids
-  top = np.lexsort((-f_stat, log_p))[:10]
+  # The most sensitive examples as the analysis ranks them (and its gallery row shows them): by
+  # the largest -log10 p of the pairwise Welch tests, ties by the largest |Hedges' g|.
+  listed = _read(os.path.join(analysis_dir, "tables", "sensitive_examples.csv"))
+  listed = listed[(listed.score == score) & (listed.group == "most")].sort_values("rank")
   neg_log10_p = -log_p / math.log(10)
   per_example = pd.DataFrame(dict(example_id=ids, label=sets[archs[0]].labels,
                                   anova_neg_log10_p=neg_log10_p, anova_f=f_stat,
@@ -564,7 +568,7 @@ def sensitivity_findings(sets: Mapping[str, store.ScoreSet], score: str, analysi
               median_max_abs_g=float(np.median(eff)) if eff.size else float("nan"),
               q90_max_abs_g=float(np.quantile(eff, 0.9)) if eff.size else float("nan"),
               median_max_abs_g_all=float(np.median(max_g)),
-              most_sensitive_ids=[int(ids[i]) for i in top], pairs=pair_rows,
+              most_sensitive_ids=[int(i) for i in listed.example_id[:10]], pairs=pair_rows,
               most_separated_pair=best, per_example=per_example, neg_log10_p=neg_log10_p)
 
 
@@ -788,7 +792,9 @@ def _sensitivity_markdown(se: Mapping[str, Any]) -> list[str]:
           f"Among the ANOVA-sensitive examples the largest |Hedges' g| over pairs has median "
           f"{_num(se['median_max_abs_g'], 2)} and 90th percentile {_num(se['q90_max_abs_g'], 2)} "
           f"(median over all examples: {_num(se['median_max_abs_g_all'], 2)}). Most sensitive "
-          f"example ids: {', '.join(map(str, se['most_sensitive_ids']))}. Per pair (Welch, "
+          "example ids (ranked by the largest -log10 p of the pairwise Welch tests, as the "
+          "gallery's \"most arch-sensitive\" row; the ANOVA above counts, it does not rank): "
+          f"{', '.join(map(str, se['most_sensitive_ids']))}. Per pair (Welch, "
           f"alpha {se['alpha']:g}; Bonferroni and BH over the examples of the pair):\n\n",
           _md_table(pd.DataFrame(se["pairs"]))]
 

@@ -709,3 +709,17 @@ def test_analyze_script_refuses_bad_alpha_and_top_m(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and text in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()  # refused before anything is written
+
+
+def test_gallery_row_says_which_test_ranks_it(tmp_path, monkeypatch):
+  from jaxdiff import plots  # pylint: disable=g-import-not-at-top
+  from jaxdiff.analysis import report  # pylint: disable=g-import-not-at-top
+  wds = _fake_workdirs(tmp_path, ["mlp", "cnn"], n=100, runs=4, id_offset=0)
+  res = A.analyze(A.load_workdirs(wds), num_draws=2, kendall_draws=0, methods=("spearman",))
+  seen = {}
+  monkeypatch.setattr(plots, "gallery", lambda x, kind, groups, path, **kw: seen.update(groups))
+  report.write_figures(res, str(tmp_path / "r"), x=np.zeros((100, 40)), kind="signal")
+  row = [k for k in seen if k.startswith("most arch-sensitive")]
+  assert row and "pairwise Welch" in row[0]
+  se = res.tables["sensitive_examples"]
+  assert seen[row[0]] == se[(se.score == "loss") & (se.group == "most")].example_id.tolist()[:8]

@@ -54,3 +54,42 @@ def test_gallery_rejects_bad_input(tmp_path):
     plots.gallery(np.zeros((3, 4)), "image", {"a": [0]}, tmp_path / "x.png")
   with pytest.raises(ValueError, match="at least one non-empty group"):
     plots.gallery(np.zeros((3, 4)), "signal", {"a": []}, tmp_path / "x.png")
+
+
+def _captured(monkeypatch):
+  """Figures handed to plots.save_figure (by any module), instead of writing them."""
+  figs = []
+  monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: figs.append(fig) or path)
+  return figs
+
+
+def test_manhattan_legend_names_the_class_colours(monkeypatch):
+  figs = _captured(monkeypatch)
+  v = np.abs(np.random.default_rng(3).standard_normal((1, 60)))
+  plots.manhattan_plot(v, ["a vs b"], "m.png", labels=np.arange(60) % 4,
+                       thresholds=[{"Bonferroni": 3.0}])
+  ax = figs[0].axes[0]
+  texts = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert "classes 0, 2" in texts and "classes 1, 3" in texts and "Bonferroni (3.0)" in texts
+  # Each class's block of 15 examples is labelled at its centre.
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+  np.testing.assert_allclose(ax.get_xticks(), [7, 22, 37, 52])
+
+
+def test_pruning_plot_ticks_only_the_pruned_fractions(monkeypatch):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  from jaxdiff import pruning  # pylint: disable=g-import-not-at-top
+  figs = _captured(monkeypatch)
+  rows = [dict(method="full", keep="all", fraction=0.0, mean=0.9, std=0.01)]
+  rows += [dict(method=m, keep=k, fraction=0.3, mean=0.8, std=0.02)
+           for m, k in (("single", "hardest"), ("mean", "hardest"), ("single", "easiest"),
+                        ("mean", "easiest"), ("random", "random"))]
+  pruning.plot_pruning(pd.DataFrame(rows), "p.png")
+  for ax in figs[0].axes:
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["30%"], labels  # one fraction, one tick (not three jittered ones)
+    lo, hi = ax.get_xlim()
+    assert lo < 29 and hi > 31
+  rows += [dict(r, fraction=0.5) for r in rows[1:]]
+  pruning.plot_pruning(pd.DataFrame(rows), "p.png")
+  assert [t.get_text() for t in figs[1].axes[0].get_xticklabels()] == ["30%", "50%"]

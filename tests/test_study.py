@@ -344,3 +344,33 @@ def test_find_workdirs_accepts_each_layout(tiny):
   assert list(study.find_workdirs(str(wd / "runs" / "mlp"))) == ["mlp"]
   with pytest.raises(study.StudyError, match="no finished training workdir"):
     study.find_workdirs(str(wd / "report" / "figures"))
+
+
+def test_most_sensitive_ids_follow_the_gallery_ranking(tmp_path):
+  # The study report's "most sensitive example ids" and the gallery's "most arch-sensitive" row
+  # must rank by the same test (the analysis' pairwise Welch ranking), not ANOVA for one of them.
+  from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
+  from jaxdiff.fingerprint import selection  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  n, runs = 200, 6
+  shifts = np.zeros((3, n))
+  shifts[1, :10] = 3.0  # one pair far apart, with noise twice as large in arch 1
+  shifts[1, 10:20], shifts[2, 10:20] = 1.2, 2.4  # all three apart moderately
+  noise = np.ones((3, n))
+  noise[1, :10] = 2.0
+  sets = {}
+  for k, a in enumerate(("mlp", "cnn", "res")):
+    s = shifts[k][None] + rng.standard_normal((runs, n)) * noise[k][None]
+    sets[a] = store.ScoreSet(scores=dict(loss=s.astype(np.float32)), example_ids=np.arange(n),
+                             labels=np.zeros(n, int), meta=dict(num_runs=runs))
+  out = str(tmp_path / "analysis")
+  res = analysis.analyze(sets, num_draws=2, kendall_draws=0, methods=("spearman",), top_m=10)
+  analysis.write_report(res, out, figures=False)
+  se = study.sensitivity_findings(sets, "loss", out, 0.05)
+  table = res.tables["sensitive_examples"]
+  welch = table[(table.score == "loss") & (table.group == "most")].example_id.tolist()
+  assert se["most_sensitive_ids"] == welch[:10]
+  x = np.concatenate([sets[a].get("loss") for a in sets]).astype(np.float64)
+  y = np.repeat(np.arange(3), runs)
+  log_p, f_stat = selection.anova_log_pvalues(x, y)
+  assert np.lexsort((-f_stat, log_p))[:10].tolist() != welch[:10]  # the rankings do differ here
