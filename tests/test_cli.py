@@ -5,6 +5,7 @@ Most tests run the real scripts as subprocesses; they fail before any training (
 
 import difflib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -175,3 +176,20 @@ def test_exit_status_of_jaxdiff_errors():
     assert cli.exit_status(cls("x")) == cli.FAILED
   assert cli.exit_status(RuntimeError("x")) is None  # a bug: not ours to shorten
   assert cli.exit_status(KeyError("x")) is None
+
+
+def test_test_command_shows_progress(tmp_path):
+  # The README's `python -m pytest -n 2 tests` under this repository's pytest settings prints a
+  # line per finished test with its percentage (under -q it printed dots, and a log that shows
+  # whole lines showed nothing until 70 tests had finished), and the slowest tests at the end.
+  (tmp_path / "test_tiny.py").write_text(
+      "".join(f"def test_{i}():\n  assert True\n\n" for i in range(4)))
+  env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+  p = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider",
+                      "-c", os.path.join(ROOT, "pyproject.toml"), "--rootdir", str(tmp_path),
+                      str(tmp_path / "test_tiny.py")], capture_output=True, text=True,
+                     cwd=str(tmp_path), env=env, timeout=120, check=False)
+  assert p.returncode == 0, p.stdout + p.stderr
+  done = [l for l in p.stdout.splitlines() if re.match(r"\[gw\d+\] \[\s*\d+%\] PASSED ", l)]
+  assert sorted(l.rsplit("::", 1)[1].strip() for l in done) == [f"test_{i}" for i in range(4)]
+  assert "slowest 10 durations" in p.stdout
