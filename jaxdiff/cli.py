@@ -2,9 +2,9 @@
 
 `run(main)` replaces `app.run(main)` in every script of experiments/. jaxdiff's own errors, and
 mistakes on the command line (an unknown flag or config field, a missing config file, a bad
-value), reach the user as one line on stderr, `error: <message>`, and a non-zero exit status:
-`BAD_INPUT` (2) for input the user can fix, `FAILED` (1) for a run that could not finish
-(every member diverged, no readable checkpoint). The traceback is printed above that line with
+value), reach the user as one line on stderr and a non-zero exit status: `error: <message>` and
+`BAD_INPUT` (2) for input the user can fix, `error: <ErrorClass>: <message>` and `FAILED` (1)
+for a run that could not finish (every member diverged, no readable checkpoint). The traceback is printed above that line with
 `--verbosity=1` or the environment variable `JAXDIFF_TRACEBACK=1`. Anything else is a bug and
 keeps Python's traceback (exit status 1).
 
@@ -88,7 +88,9 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
       status = exit_status(e)
       if status is None:
         raise
-      _fail(str(e) or type(e).__name__, status)
+      # A run that could not finish says which failure it was (DivergenceError, ...).
+      message = str(e) if status == BAD_INPUT else f"{type(e).__name__}: {e}"
+      _fail(message, status)
 
   app.run(guarded, argv=argv, flags_parser=parse_flags)
 

@@ -168,6 +168,14 @@ def test_jaxdiff_value_error_one_line_bug_keeps_traceback(tmp_path):
     assert lines[-1].startswith(name)
 
 
+def test_failure_names_its_class(tmp_path):
+  rc, lines = _run(_script(tmp_path, """\
+      from jaxdiff import train
+      raise train.DivergenceError("every member diverged at epoch 3")"""))
+  assert (_one_line(rc, lines, status=cli.FAILED)
+          == "error: DivergenceError: every member diverged at epoch 3")
+
+
 def test_exit_status_of_jaxdiff_errors():
   from jaxdiff import checksums, data, store, study, train  # pylint: disable=g-import-not-at-top
   for cls in (train.ConfigError, data.DataError, store.StoreError, study.StudyError):
