@@ -7,6 +7,7 @@ measures faster), epoch execution (`lax.scan` or step by step) and sharding of t
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -117,10 +118,12 @@ class Engine:
       architecture (see `resolve_strategy`).
     epoch_loop: "scan" (an epoch in one `lax.scan`) or "python" (one call per step); "auto" picks.
     mesh: optional 1-D mesh with axis "runs"; the runs axis of every state leaf is sharded on it.
-    member_chunk: with the vmapped, scanned epoch, each device runs its members in chunks of this
-      many, one chunk's whole epoch after another (`lax.map`), so that a chunk's parameters and
-      activations stay in cache; 0 = auto (`CPU_MEMBER_CHUNK` on CPU, all members on
-      accelerators, where a wide vmap fills the chip). Chunk sizes agree up to float rounding.
+    member_chunk: vmapped members run in chunks of exactly this many (the last one padded), each
+      device's chunks one epoch after another, so that a chunk's parameters and activations stay
+      in cache and every member runs through the same program whatever the ensemble: member i
+      of any ensemble equals a 1-member run of member i, bit for bit on CPU. 0 = auto
+      (`CPU_MEMBER_CHUNK` on CPU; all members of a device on accelerators, where a wide vmap
+      fills the chip but a member's rounding then depends on the ensemble's size).
   """
   model: nn.Module
   tx: optax.GradientTransformation
@@ -199,6 +202,18 @@ class Engine:
       return tree
     return jax.device_put(tree, NamedSharding(self.mesh, P("runs")))
 
+  def place(self, tree, num_runs: int):
+    """Lays out device arrays as the engine's state is: leaves with a leading `[num_runs]` axis
+    sharded over the mesh, the others replicated; NumPy leaves stay on the host. Restored
+    checkpoints go through this, so they land where the live state they replace lives."""
+    def one(a):
+      if not isinstance(a, jax.Array):
+        return a
+      if a.ndim and a.shape[0] == num_runs:
+        return self.shard(a)
+      return self.replicate(a)
+    return jax.tree_util.tree_map(one, tree)
+
   def replicate(self, tree):
     if self.mesh is None:
       return jax.device_put(tree)
@@ -270,15 +285,7 @@ class Engine:
       (state, {"loss": [R, S, B], "correct": [R, S, B]}) as the members saw their batches.
     """
     if self.resolved_member_strategy == "vmap":
-      if self.resolved_epoch_loop == "scan":
-        fn = self._get("vmap_scan", self._vmap_scan_fn)
-        return fn(state, x_all, y_all, idx, aug_keys, jnp.int32(step0))
-      fn = self._get("vmap_step", self._vmap_step_fn)
-      outs = []
-      for s in range(idx.shape[1]):
-        state, out = fn(state, x_all, y_all, idx[:, s], aug_keys, jnp.int32(step0 + s))
-        outs.append(out)
-      return state, jax.tree_util.tree_map(lambda *a: jnp.stack(a, 1), *outs)
+      return self._chunked_epoch(state, x_all, y_all, idx, aug_keys, step0)
     return self._loop_epoch(state, x_all, y_all, idx, aug_keys, step0)
 
   def _get(self, name, builder):
@@ -286,12 +293,18 @@ class Engine:
       self._compiled[name] = builder()
     return self._compiled[name]
 
-  def _vmap_step_fn(self):
-    step = jax.vmap(self.member_step, in_axes=(0, None, None, 0, 0, None))
-    return jax.jit(step, donate_argnums=(0,))
+  def _chunk_epoch_fn(self):
+    """The one program that trains a chunk of exactly `chunk` vmapped members for an epoch.
 
-  def _vmap_scan_fn(self):
+    Every member of every ensemble runs through a program of this one shape, on whichever
+    device, so its arithmetic does not depend on how many members share its device or chunk:
+    XLA:CPU picks its dot kernels by the batch size and the partitioning (a member vmapped with
+    4 others, or in a 2-device `shard_map`, rounds differently from one trained alone, and
+    training amplifies it: 0.61 in a parameter after 10 epochs).
+    """
     vstep = jax.vmap(self.member_step, in_axes=(0, None, None, 0, 0, None))
+    if self.resolved_epoch_loop == "python":
+      return jax.jit(vstep, donate_argnums=(0,))
 
     def epoch(state, x_all, y_all, idx, aug_keys, step0):
       def body(st, inp):
@@ -300,24 +313,88 @@ class Engine:
       steps = jnp.arange(idx.shape[1], dtype=jnp.int32)
       state, out = jax.lax.scan(body, state, (jnp.swapaxes(idx, 0, 1), steps))
       return state, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), out)
+    return jax.jit(epoch, donate_argnums=(0,))
 
-    def chunked(state, x_all, y_all, idx, aug_keys, step0):
-      n = idx.shape[0]  # this device's members
-      g = member_chunk_size(n, self.resolved_member_chunk)
-      if g == n:
-        return epoch(state, x_all, y_all, idx, aug_keys, step0)
-      split = lambda a: a.reshape(n // g, g, *a.shape[1:])
-      out = jax.lax.map(lambda c: epoch(c[0], x_all, y_all, c[1], c[2], step0),
-                        jax.tree_util.tree_map(split, (state, idx, aug_keys)))
-      return jax.tree_util.tree_map(lambda a: a.reshape(n, *a.shape[2:]), out)
-
+  def member_blocks(self, num_runs: int) -> list[tuple[Any, int, int]]:
+    """How the runs axis lies on devices: `[(device, first, stop)]`, one block per device (the
+    mesh's row blocks, or every member on the one device without a mesh)."""
     if self.mesh is None:
-      return jax.jit(chunked, donate_argnums=(0,))
-    # One program per device over its own members (members never communicate).
-    runs, rep = P("runs"), P()
-    return jax.jit(jax.shard_map(chunked, mesh=self.mesh,
-                                 in_specs=(runs, rep, rep, runs, runs, rep),
-                                 out_specs=(runs, runs)), donate_argnums=(0,))
+      return [(None, 0, num_runs)]
+    per = num_runs // self.mesh.size
+    return [(d, k * per, (k + 1) * per) for k, d in enumerate(self.mesh.devices.flat)]
+
+  def chunk_size(self, num_runs: int) -> int:
+    """Members per vmapped chunk: `resolved_member_chunk`, or (0, accelerators) all members of a
+    device."""
+    block = max(stop - first for _, first, stop in self.member_blocks(num_runs))
+    return self.resolved_member_chunk or block
+
+  def _chunked_epoch(self, state, x_all, y_all, idx, aug_keys, step0):
+    """Each device trains its block of members in chunks of `chunk_size` (the last chunk padded
+    with copies of its last member, whose results are dropped), one chunk's epoch after another,
+    every chunk through the same compiled program (`_chunk_epoch_fn`)."""
+    fn = self._get("chunk_epoch", self._chunk_epoch_fn)
+    chunk = self.chunk_size(idx.shape[0])
+    take, join = self._get("take_chunk", _take_chunk_fn), self._get("join", _join_fn)
+    step0 = jnp.int32(step0)
+    blocks = _local_blocks((state, idx, aug_keys), self.member_blocks(idx.shape[0]))
+    new_blocks = []
+    for device, (st_b, idx_b, keys_b) in blocks:
+      x_d, y_d = self._on_device(x_all, device), self._on_device(y_all, device)
+      n = idx_b.shape[0]
+      outs = []
+      for first in range(0, n, chunk):
+        st_c, idx_c, keys_c = take((st_b, idx_b, keys_b), jnp.int32(first), chunk)
+        if self.resolved_epoch_loop == "scan":
+          outs.append(fn(st_c, x_d, y_d, idx_c, keys_c, step0))
+        else:
+          seen = []
+          for s in range(idx_c.shape[1]):
+            st_c, o = fn(st_c, x_d, y_d, idx_c[:, s], keys_c, step0 + s)
+            seen.append(o)
+          outs.append((st_c, jax.tree_util.tree_map(lambda *a: jnp.stack(a, 1), *seen)))
+      new_blocks.append(join(tuple(outs), n))
+    return _assemble(new_blocks, self.mesh, idx.shape[0])
+
+  def map_members(self, fn: Callable[[Any], Any], tree: Any) -> Any:
+    """`fn(chunk)` over the members of a stacked `tree`, in the chunks training uses.
+
+    Each device's block of members goes through `fn` in chunks of exactly `chunk_size` members
+    (the last padded, its padding dropped), the devices in parallel threads, so a member's
+    scores, like its training, come from programs of one shape in any ensemble.
+
+    Args:
+      fn: `(tree with a leading [chunk] axis) -> pytree of arrays [chunk, ...]`.
+      tree: every leaf `[R, ...]`.
+    Returns:
+      `fn`'s pytree with NumPy leaves `[R, ...]`.
+    """
+    num_runs = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    chunk = self.chunk_size(num_runs)
+    take = self._get("take_chunk", _take_chunk_fn)
+
+    def block(item):
+      _, t = item
+      n = jax.tree_util.tree_leaves(t)[0].shape[0]
+      outs = []
+      for first in range(0, n, chunk):
+        res = jax.device_get(fn(take(t, jnp.int32(first), chunk)))
+        outs.append(jax.tree_util.tree_map(lambda a, k=min(chunk, n - first): a[:k], res))
+      return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+
+    blocks = _local_blocks(tree, self.member_blocks(num_runs))
+    with concurrent.futures.ThreadPoolExecutor(len(blocks)) as pool:
+      results = list(pool.map(block, blocks))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *results)
+
+  def _on_device(self, array, device):
+    """`array` (replicated over the mesh, or on one device) as a single-device array."""
+    if device is None:
+      return array
+    for shard in array.addressable_shards:
+      if shard.device == device:
+        return shard.data
+    return jax.device_put(array, device)
 
   def _member_fn(self):
     """One member's step, or (epoch_loop="scan") one member's epoch, jitted once."""
@@ -407,16 +484,8 @@ CPU_LOOP_MIN_PARAMS = 2**18
 # Members per chunk on CPU (`Engine.member_chunk`). Measured on this project's 2-core CPU, 2 devices,
 # member-epochs/s, all of a device's members vmapped -> in chunks of 8: CNN R=64 24.6 -> 30.7,
 # R=128 25.9 -> 34.2 (chunks of 4: 36.7; R=64 in chunks of 16: 26.7); MLP R=128 210 -> 235.
+# A fixed chunk pads small ensembles (a 1-member run computes 8): see BENCHMARKS.md.
 CPU_MEMBER_CHUNK = 8
-
-
-def member_chunk_size(num_members: int, chunk: int) -> int:
-  """The chunk size used for `num_members` members: the largest divisor of `num_members` that is
-  <= `chunk`, or all members when `chunk` is 0 or no divisor reaches half of it."""
-  if chunk <= 0 or num_members <= chunk:
-    return num_members
-  g = max(d for d in range(1, chunk + 1) if num_members % d == 0)
-  return g if 2 * g >= chunk else num_members
 
 
 def _take_fn():
@@ -431,6 +500,49 @@ def _put_fn():
   return jax.jit(lambda tree, member, r: jax.tree_util.tree_map(
       lambda a, m: jax.lax.dynamic_update_index_in_dim(a, m, r, 0), tree, member),
                  donate_argnums=(0,))
+
+
+def _take_chunk_fn():
+  """Jitted `take(tree, first, chunk)`: members `first .. first + chunk` of a stacked tree, the
+  indices past its end clamped to its last member (the padding of a last, short chunk)."""
+  def take(tree, first, chunk):
+    def one(a):
+      rows = jnp.minimum(first + jnp.arange(chunk), a.shape[0] - 1)
+      return jnp.take(a, rows, axis=0)
+    return jax.tree_util.tree_map(one, tree)
+  return jax.jit(take, static_argnums=(2,))
+
+
+def _join_fn():
+  """Jitted `join(chunks, n)`: the chunks' outputs concatenated, trimmed to `n` members."""
+  return jax.jit(lambda chunks, n: jax.tree_util.tree_map(
+      lambda *a: jnp.concatenate(a)[:n], *chunks), static_argnums=(1,))
+
+
+def _local_blocks(tree, blocks):
+  """`[(device, tree of that device's block of members)]`: the single-device pieces of a tree
+  whose leaves are sharded over `blocks` (or the tree itself without a mesh)."""
+  if blocks[0][0] is None:
+    return [(None, tree)]
+  out = []
+  for device, first, stop in blocks:
+    def piece(a, device=device, first=first, stop=stop):
+      for shard in a.addressable_shards:
+        if shard.device == device and (shard.index[0].start or 0) == first:
+          return shard.data
+      return jax.device_put(a[first:stop], device)  # not laid out on the mesh (yet)
+    out.append((device, jax.tree_util.tree_map(piece, tree)))
+  return out
+
+
+def _assemble(blocks, mesh, num_runs):
+  """Device blocks `[tree]` -> one tree sharded over the mesh's runs axis (or the one block)."""
+  if mesh is None:
+    return blocks[0]
+  sharding = NamedSharding(mesh, P("runs"))
+  return jax.tree_util.tree_map(
+      lambda *a: jax.make_array_from_single_device_arrays((num_runs,) + a[0].shape[1:], sharding,
+                                                          list(a)), *blocks)
 
 
 def resolve_strategy(member_strategy: str, epoch_loop: str, backend: str, has_conv: bool,

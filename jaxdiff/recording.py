@@ -60,8 +60,9 @@ class Recorder:
   """
 
   def __init__(self, config: Mapping[str, Any], engine, ds, num_runs: int,
-               workdir: str | None = None):
+               workdir: str | None = None, member_ids: Any = None):
     self.opts = {**DEFAULTS, **dict(config or {})}
+    self.member_ids = np.arange(num_runs) if member_ids is None else np.asarray(member_ids)
     self.engine = engine
     self.ds = ds
     self.num_runs = num_runs
@@ -86,9 +87,11 @@ class Recorder:
     self.loop_members = getattr(engine, "resolved_member_strategy", "vmap") == "loop"
 
   def _members(self, fn, v, *args, **kwargs):
-    """`fn(v, *args)` over all members, one member at a time when `loop_members`."""
+    """`fn(v, *args)` over all members: in the engine's fixed member chunks (so a member's
+    scores do not depend on the ensemble around it), or one member at a time when
+    `loop_members`."""
     if not self.loop_members:
-      return fn(v, *args, **kwargs)
+      return self.engine.map_members(lambda c: fn(c, *args, **kwargs), v)
     outs = [fn(jax.tree_util.tree_map(lambda a: a[r:r + 1], v), *args, **kwargs)  # pylint: disable=cell-var-from-loop
             for r in range(self.num_runs)]
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
@@ -96,8 +99,7 @@ class Recorder:
   def _variables(self, state):
     v = self.engine.variables(state)
     if not self._chunk:
-      mesh = getattr(self.engine, "mesh", None)
-      members = 1 if self.loop_members else -(-self.num_runs // (mesh.size if mesh else 1))
+      members = 1 if self.loop_members else self.engine.chunk_size(self.num_runs)
       v0 = jax.tree_util.tree_map(lambda a: a[0], v)
       self._chunk, self._grad_chunk = (
           S.point.auto_chunk_size(self.apply_fn, v0, self.ds.x_train, members, backward=b)
@@ -207,7 +209,7 @@ class Recorder:
                                                    k=int(self.opts["knn_k"]))
       timer("prediction_depth")
       k = int(self.opts["num_prototypes"]) or self.ds.num_classes
-      out.update(S.prototype_scores(layers[-1], y, k, seed=0))
+      out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
       timer("prototypes")
     self.timings = timer.times
     logging.info("final scoring times (s): %s", timer.times)

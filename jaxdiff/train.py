@@ -232,7 +232,9 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
   data_keys, aug_keys = engine.shard(data_keys), engine.shard(aug_keys)
   x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
   mask_dev = None if subset_mask is None else engine.shard(jnp.asarray(subset_mask))
-  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir)
+  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir,
+                                member_ids=member_ids)
+  recorder.state = engine.place(recorder.state, num_runs)
   held.enter_context(workdir_lock(workdir))  # only once everything above has validated
   check_workdir(workdir, config)
 
@@ -244,8 +246,11 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
   restored_epoch, restored = _restore_newest_readable(mngr, target, workdir)
   if restored is not None:
     start_epoch = restored_epoch
-    state = engine.shard(restored["state"])
-    recorder.state = restored["recorder"]
+    # Every restored array where the array it replaces lives (Orbax restores onto the target's
+    # shardings, but a leaf can come back committed to one device; a sharded run then fails).
+    state = engine.place(restored["state"], num_runs)
+    recorder.state = jax.tree_util.tree_map(_like, restored["recorder"], target["recorder"])
+    recorder.state = engine.place(recorder.state, num_runs)
     logging.info("resumed %s from epoch %d", workdir, start_epoch)
   log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_epoch)
   every = config.get("checkpoint_every", 1) or num_epochs
@@ -375,6 +380,11 @@ def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
         "train this workdir again from the start (same result, deterministic), or restore it "
         "from a backup.")
   return 0, None
+
+
+def _like(restored, live):
+  """A restored leaf as the kind of array the live leaf is (host NumPy stays NumPy)."""
+  return restored if isinstance(live, jax.Array) else np.asarray(restored)
 
 
 def log_last(log: _MetricsLog):

@@ -21,17 +21,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 DEFAULT_CONFIG = os.path.join(ROOT, "experiments", "configs", "default.py")
 
-# MNIST-1D 400/100, MLP width 16, 3 members, 6 epochs, a checkpoint every epoch.
-TINY_FLAGS = ("--config.num_runs=3", "--config.num_epochs=6", "--config.data.num_samples=500",
+# MNIST-1D 400/100, MLP width 16, 6 epochs, a checkpoint every epoch.
+TINY_FLAGS = ("--config.num_epochs=6", "--config.data.num_samples=500",
               "--config.model.width=16", "--config.batch_size=50", "--config.checkpoint_every=1",
               "--config.progress=False")
+# How the members lie on devices. "split": what users run, the default CPU split (one JAX device
+# per core) with an even member count, so the runs axis is sharded over 2 devices; "single": one
+# device (an odd member count on one CPU device).
+LAYOUTS = {"split": ("--config.num_runs=4",),
+           "single": ("--config.num_runs=3", "--config.cpu_devices=1")}
 ORBAX_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 TMP_NAME = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")  # store.atomic_write_bytes' temporaries
 
 
-def train_command(workdir: str, *flags: str, config: str = DEFAULT_CONFIG) -> list[str]:
+def train_command(workdir: str, *flags: str, config: str = DEFAULT_CONFIG,
+                  layout: str = "split") -> list[str]:
   return [sys.executable, TRAIN, f"--config={config}", f"--workdir={workdir}", *TINY_FLAGS,
-          *flags]
+          *LAYOUTS[layout], *flags]
 
 
 def child_env(cache_dir: str, hash_seed: int = 0) -> dict:
@@ -244,12 +250,10 @@ def checkpoint_steps(workdir: str) -> tuple[list[int], list[str]]:
 
 
 def restore_step(workdir: str, step: int):
-  """The raw checkpoint pytree (numpy leaves) of `step`, read without any target."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                         "default"))
-  return jax.tree_util.tree_map(np.asarray, tree)
+  """The raw checkpoint pytree (numpy leaves) of `step`, read on this process's devices
+  whatever the device count it was saved with."""
+  from jaxdiff import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.restore(os.path.join(workdir, "checkpoints", str(step)))
 
 
 def trees_equal(a, b) -> bool:

@@ -96,34 +96,33 @@ def test_strategies_agree(arch, strategies):
     _assert_trees_close(results[0].batch_stats, other.batch_stats, rtol=1e-4, atol=1e-5)
 
 
-def test_member_chunk_size():
-  """Largest divisor <= the chunk, unless it is under half the chunk (then all members)."""
-  cases = {(16, 8): 8, (12, 8): 6, (9, 8): 9, (7, 8): 7, (64, 0): 64, (10, 4): 2, (30, 8): 6,
-           (13, 4): 13, (128, 8): 8}
-  for (n, chunk), want in cases.items():
-    assert ens.member_chunk_size(n, chunk) == want, (n, chunk)
+def test_member_chunk_is_validated():
   with pytest.raises(ValueError, match="member_chunk=-2"):
     ens.Engine(None, None, member_chunk=-2)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_member_chunks_give_the_same_numbers(arch):
-  """Members run in chunks of 2 (each chunk's whole epoch in turn) end where all 4 vmapped at
-  once end, and where one member trained alone ends; per-example outputs too."""
-  outs = []
-  for chunk in (2, 4):
-    eng, st, ds, dk, ak, bs = _setup(arch, 4)
-    eng.member_chunk = chunk
-    st = eng.init(ens.member_keys(0, np.arange(4))[0], ds.x_train)
-    assert ens.member_chunk_size(4, eng.resolved_member_chunk) == chunk
-    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-    idx = data_lib.epoch_permutations(dk, 1, ds.num_train, bs)
-    st, out = eng.train_epoch(st, x, y, idx, ak, 0)
-    outs.append((st.params, out))
-  _assert_trees_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-  eng1, st1, ds, dk1, ak1, bs = _setup(arch, 1, first=3)
-  st1 = _run_epochs(eng1, st1, ds, dk1, ak1, bs, epochs=1)
-  _assert_trees_close(_member(outs[0][0], 3), _member(st1.params, 0), rtol=2e-5, atol=2e-6)
+def test_member_chunks_pad_and_keep_every_member_exact(arch):
+  """5 members in chunks of 2 (the last chunk padded with a copy of member 4) end, bit for bit,
+  where each member trained alone in a chunk of 2 ends; per-example outputs too; and the
+  padding's results are dropped (5 members out, not 6)."""
+  eng, st, ds, dk, ak, bs = _setup(arch, 5)
+  eng.member_chunk = 2
+  st = eng.init(ens.member_keys(0, np.arange(5))[0], ds.x_train)
+  assert eng.chunk_size(5) == 2
+  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  idx = data_lib.epoch_permutations(dk, 1, ds.num_train, bs)
+  st, out = eng.train_epoch(st, x, y, idx, ak, 0)
+  assert out["loss"].shape[0] == 5 and st.diverged.shape == (5,)
+  for i in (0, 3, 4):
+    eng1, st1, ds1, dk1, ak1, _ = _setup(arch, 1, first=i)
+    eng1.member_chunk = 2
+    st1 = eng1.init(ens.member_keys(0, np.array([i]))[0], ds.x_train)
+    idx1 = data_lib.epoch_permutations(dk1, 1, ds.num_train, bs)
+    st1, out1 = eng1.train_epoch(st1, x, y, idx1, ak1, 0)
+    for a, b in zip(jax.tree_util.tree_leaves((st.params, out)),
+                    jax.tree_util.tree_leaves((st1.params, out1))):
+      np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)[0])
 
 
 def _engine(model_cfg, **kw):
@@ -193,7 +192,8 @@ def test_nan_member_does_not_affect_others(strategy, loop):
 
 
 @pytest.mark.parametrize("strategy,loop,compiled", [
-    ("vmap", "scan", {"vmap_scan": 1}),
+    # Every chunk (here one, padded) through one epoch program; one take and one join.
+    ("vmap", "scan", {"chunk_epoch": 1, "take_chunk": 1, "join": 1}),
     # Members one by one: one program for every member (the member index is traced).
     ("loop", "scan", {"member": 1, "take": 1, "put": 1})])
 def test_no_recompilation_after_first_epoch(strategy, loop, compiled):

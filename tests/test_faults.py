@@ -29,27 +29,43 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
+def _finished_run(tmp_path_factory, cache_dir, layout, name, hash_seed, watch=None):
+  d = tmp_path_factory.mktemp(f"{name}_{layout}")
+  wd = str(d / "wd")
+  out = kh.run(kh.train_command(wd, layout=layout), kh.child_env(cache_dir, hash_seed=hash_seed),
+               wd, watch, str(d / "log.txt"))
+  assert out.returncode == 0, out.stderr_tail
+  return wd, out.seconds
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
-  """One uninterrupted run of the tiny job (it also fills the compilation cache)."""
-  d = tmp_path_factory.mktemp("reference")
-  wd = str(d / "wd")
-  out = kh.run(kh.train_command(wd), kh.child_env(cache_dir, hash_seed=1), wd, None,
-               str(d / "log.txt"))
-  assert out.returncode == 0, out.stderr_tail
-  return wd
+  """One uninterrupted run of the tiny job with the default device split, 4 members sharded over
+  2 CPU devices (it also fills the compilation cache)."""
+  return _finished_run(tmp_path_factory, cache_dir, "split", "reference", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def reference_single(tmp_path_factory, cache_dir):
+  """The same job on one CPU device with 3 members (the layout without sharding)."""
+  return _finished_run(tmp_path_factory, cache_dir, "single", "reference", 1)[0]
+
+
+def _timed_rerun(tmp_path_factory, cache_dir, layout):
+  """A second uninterrupted run, in a fresh process with another hash seed, timed per phase."""
+  watch = kh.Watch()
+  wd, seconds = _finished_run(tmp_path_factory, cache_dir, layout, "rerun", 2, watch)
+  return wd, seconds, watch.first_seen
 
 
 @pytest.fixture(scope="module")
 def rerun(tmp_path_factory, cache_dir, reference):
-  """A second uninterrupted run, in a fresh process with another hash seed, timed per phase."""
-  d = tmp_path_factory.mktemp("rerun")
-  wd = str(d / "wd")
-  watch = kh.Watch()
-  out = kh.run(kh.train_command(wd), kh.child_env(cache_dir, hash_seed=2), wd, watch,
-               str(d / "log.txt"))
-  assert out.returncode == 0, out.stderr_tail
-  return wd, out.seconds, watch.first_seen
+  return _timed_rerun(tmp_path_factory, cache_dir, "split")
+
+
+@pytest.fixture(scope="module")
+def rerun_single(tmp_path_factory, cache_dir, reference_single):
+  return _timed_rerun(tmp_path_factory, cache_dir, "single")
 
 
 def test_same_config_and_seed_give_bit_identical_outputs(reference, rerun):
@@ -78,10 +94,15 @@ def test_harness_detects_differences(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing(reference, rerun, tmp_path, cache_dir, capsys):
+@pytest.mark.parametrize("layout", ["split", "single"])
+def test_sigkill_at_random_moments_loses_nothing(layout, request, tmp_path, cache_dir, capsys):
   """SIGKILLs the job at seeded random moments (during a checkpoint write, a metrics write, the
   score write, and at random times), reruns the same command each time, and finally compares
-  everything with the uninterrupted reference, bit for bit."""
+  everything with the uninterrupted reference, bit for bit; with the members sharded over the
+  default CPU split, and on one device."""
+  suffix = "" if layout == "split" else "_single"
+  reference = request.getfixturevalue("reference" + suffix)
+  rerun = request.getfixturevalue("rerun" + suffix)
   rng = random.Random(KILL_SEED)
   _, warm_seconds, first_seen = rerun
   train_start = first_seen.get("checkpoints", 0.0)  # the manager is created just before epoch 1
@@ -96,7 +117,8 @@ def test_sigkill_at_random_moments_loses_nothing(reference, rerun, tmp_path, cac
   outcomes = []
   try:
     for i, cue in enumerate(cues):
-      out = kh.run(kh.train_command(wd), kh.child_env(cache_dir, hash_seed=10 + i), wd, cue,
+      out = kh.run(kh.train_command(wd, layout=layout), kh.child_env(cache_dir, hash_seed=10 + i),
+                   wd, cue,
                    str(tmp_path / f"log{i}.txt"))
       outcomes.append(out)
       if not out.killed:
@@ -105,8 +127,9 @@ def test_sigkill_at_random_moments_loses_nothing(reference, rerun, tmp_path, cac
       out.landed += "".join(f"\n      note: {n}" for n in notes)
       assert problems == [], (cue.name, out.landed, problems)
     for attempt in range(3):  # rerun the same command until it completes
-      out = kh.run(kh.train_command(wd), kh.child_env(cache_dir, hash_seed=20 + attempt), wd,
-                   None, str(tmp_path / f"final{attempt}.txt"))
+      out = kh.run(kh.train_command(wd, layout=layout),
+                   kh.child_env(cache_dir, hash_seed=20 + attempt), wd, None,
+                   str(tmp_path / f"final{attempt}.txt"))
       outcomes.append(out)
       if out.returncode == 0:
         break

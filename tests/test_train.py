@@ -131,3 +131,60 @@ def test_subset_fraction_trains_each_member_on_its_own_subset(tmp_path):
   with pytest.raises(train.ConfigError, match="subset_fraction=1.5"):
     train.train_and_evaluate(tiny_config("mlp", subset_fraction=1.5), str(tmp_path / "bad"))
   assert not (tmp_path / "bad").exists()
+
+
+_IDENTITY_SCRIPT = """
+import json, os, sys, tempfile
+import numpy as np
+sys.path.insert(0, {root!r})
+from jaxdiff import ensemble
+assert ensemble.split_cpu(0) == 2  # the scripts' default: one JAX device per core
+import jax
+from experiments.configs import default
+from jaxdiff import checkpoints, store, train
+
+def run(num_runs, first):
+  c = default.get_config()  # the default configuration, on a smaller training set
+  c.num_runs, c.first_member, c.num_epochs, c.progress = num_runs, first, 3, False
+  c.data.num_samples = 600
+  wd = tempfile.mkdtemp()
+  train.train_and_evaluate(c, wd)
+  scores = store.load_scores(os.path.join(wd, "scores"))
+  ckpt = checkpoints.restore(os.path.join(wd, "checkpoints", "3"))
+  metrics = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  return scores, ckpt, metrics
+
+singles = {{}}
+for num_runs, members in {cases!r}:
+  ens_scores, ens_ckpt, ens_metrics = run(num_runs, 0)
+  for i in members:
+    if i not in singles:
+      singles[i] = run(1, i)
+    scores, ckpt, metrics = singles[i]
+    for name, value in scores.scores.items():
+      assert np.array_equal(ens_scores.scores[name][i], value[0], equal_nan=True), (num_runs, i, name)
+    pairs = zip(jax.tree_util.tree_leaves_with_path(ens_ckpt), jax.tree_util.tree_leaves(ckpt))
+    n = 0
+    for (path, a), b in pairs:
+      if a.ndim and a.shape[0] == num_runs:  # per-member leaves (parameters, optimiser, scores)
+        assert np.array_equal(a[i], b[0], equal_nan=True), (num_runs, i, jax.tree_util.keystr(path))
+        n += 1
+    assert n > 10, n
+    mine = [dict(m, member=0) for m in ens_metrics if m["member"] == i]
+    assert mine == metrics, (num_runs, i)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("cases", [((2, (1,)), (4, (0, 3))), ((16, (0, 9, 15)),)],
+                         ids=["R2,R4", "R16"])
+def test_member_equals_its_one_member_run_in_the_default_configuration(cases):
+  """Member i of an ensemble trained as users run it (default config, the CPU split into one JAX
+  device per core, members sharded and chunked) equals the 1-member run with first_member=i, bit
+  for bit: parameters, optimiser state and score accumulators in the final checkpoint, every
+  stored score and every metrics line."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-c", _IDENTITY_SCRIPT.format(root=ROOT, cases=cases)],
+                     capture_output=True, text=True, env=env, timeout=900)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

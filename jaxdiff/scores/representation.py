@@ -378,7 +378,8 @@ def _prototypes(feats, labels, num_classes, keys, num_clusters_and_iters):
 
 
 def prototype_scores(pre_logits: Any, labels: Any, num_clusters: int, seed: int = 0,
-                     num_iters: int = 50, normalize: bool = False) -> dict[str, np.ndarray]:
+                     num_iters: int = 50, normalize: bool = False,
+                     member_ids: Any = None) -> dict[str, np.ndarray]:
   """Prototype distances of every example in each member's penultimate space (Sorscher et al.
   2022, "Beyond neural scaling laws: beating power law scaling via data pruning").
 
@@ -390,7 +391,8 @@ def prototype_scores(pre_logits: Any, labels: Any, num_clusters: int, seed: int 
   Departures: Sorscher et al. cluster the embeddings of a separate self-supervised model (SwAV);
   here h is each member's own penultimate feature `out["pre_logits"]`. Their embeddings are unit
   vectors and they use cosine distance; `normalize=True` L2-normalises h first, so that squared
-  distances are 2 - 2 cos. k-means: k-means++ seeding with key `member_key(seed, r)`, then
+  distances are 2 - 2 cos. k-means: k-means++ seeding with key `member_key(seed, id)` for the
+  member's id (so member i clusters alike in any ensemble that contains it), then
   `num_iters` Lloyd iterations (an empty cluster keeps its centroid).
 
   Args:
@@ -400,6 +402,7 @@ def prototype_scores(pre_logits: Any, labels: Any, num_clusters: int, seed: int 
     seed: k-means seed.
     num_iters: Lloyd iterations.
     normalize: L2-normalise features first.
+    member_ids: int `[R]`, the members' ids (default 0..R-1).
 
   Returns:
     {"proto_supervised", "proto_selfsup"} -> float32 `[R, N]`.
@@ -416,7 +419,14 @@ def prototype_scores(pre_logits: Any, labels: Any, num_clusters: int, seed: int 
     raise ValueError(f"num_clusters must be an int in [1, {n}], got {num_clusters!r}")
   if normalize:
     feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
-  keys = jnp.stack([member_key(seed, i) for i in range(r)])
-  sup, ss = _prototypes(jnp.asarray(feats), jnp.asarray(labels, jnp.int32), int(labels.max()) + 1,
-                        keys, (int(num_clusters), int(num_iters)))
-  return {"proto_supervised": np.asarray(sup), "proto_selfsup": np.asarray(ss)}
+  ids = range(r) if member_ids is None else [int(i) for i in np.asarray(member_ids)]
+  if len(ids) != r:
+    raise ValueError(f"member_ids has {len(ids)} ids for {r} members")
+  keys = jnp.stack([member_key(seed, i) for i in ids])
+  # One member per call: a member's distances do not depend on how many members are clustered
+  # with it (XLA:CPU rounds a vmapped batch of 5+ differently from one).
+  labels_d = jnp.asarray(labels, jnp.int32)
+  parts = [_prototypes(jnp.asarray(feats[i:i + 1]), labels_d, int(labels.max()) + 1,
+                       keys[i:i + 1], (int(num_clusters), int(num_iters))) for i in range(r)]
+  return {"proto_supervised": np.concatenate([np.asarray(p[0]) for p in parts]),
+          "proto_selfsup": np.concatenate([np.asarray(p[1]) for p in parts])}
