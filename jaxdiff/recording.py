@@ -34,8 +34,19 @@ DEFAULTS = {
 }
 
 
-def validate(config: Mapping[str, Any]) -> None:
-  """Raises ValueError naming unknown options or bad values of the `scores` config section."""
+# Options whose scores are recorded epoch by epoch during training (fixed once trained).
+RECORDED_IN_TRAINING = ("minibatch", "vog", "snapshot_epochs", "save_history")
+# Options computed from the final state -> the group of final scores they change (None: none).
+OPTION_GROUPS = {"grand": "grand", "grand_method": "grand", "representation": "representation",
+                 "knn_k": "representation", "num_prototypes": "representation",
+                 "chunk_size": None}
+GROUP_SCORES = {"grand": ("grand",),
+                "representation": ("prediction_depth", "proto_supervised", "proto_selfsup")}
+
+
+def validate(config: Mapping[str, Any], num_epochs: int | None = None) -> None:
+  """Raises ValueError naming unknown options or bad values of the `scores` config section
+  (`snapshot_epochs` are checked against `num_epochs` when given)."""
   config = dict(config or {})
   unknown = sorted(set(config) - set(DEFAULTS))
   if unknown:
@@ -50,6 +61,12 @@ def validate(config: Mapping[str, Any]) -> None:
     raise ValueError(f"scores.knn_k={opts['knn_k']}: must be positive")
   if int(opts["chunk_size"]) < 0:
     raise ValueError(f"scores.chunk_size={opts['chunk_size']}: must be positive (or 0 = auto)")
+  snaps = list(opts["snapshot_epochs"] or ())
+  bad = [e for e in snaps if not isinstance(e, int) or e < 1
+         or (num_epochs is not None and e > num_epochs)]
+  if bad:
+    raise ValueError(f"scores.snapshot_epochs={snaps}: {bad} outside the trained epochs "
+                     f"1..{num_epochs if num_epochs is not None else 'num_epochs'}")
 
 
 class Recorder:
@@ -179,8 +196,14 @@ class Recorder:
         self.apply_fn, vv, self.ds.x_train, self.ds.y_train, chunk_size=self.grad_chunk,
         method=self.opts["grand_method"], **kw), v)
 
-  def finalize(self, state) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  def finalize(self, state, only=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """All scores at the end of training.
+
+    Args:
+      state: the stacked MemberState.
+      only: None for every score; or a set of `GROUP_SCORES` groups: the point scores, the
+        ensemble scores and those groups only (no trajectory scores), for a finished workdir
+        whose score options changed.
 
     Returns:
       (per-member scores `{name: float32 [R, N]}`, higher = harder (see `scores.NEGATED`), NaN for
@@ -193,15 +216,17 @@ class Recorder:
     self.final_logits = np.asarray(logits)
     timer("point")
     out = dict(pts)
-    if self.opts["grand"]:
+    wanted = lambda group: self.opts[group] and (only is None or group in only)
+    if wanted("grand"):
       out["grand"] = self._grand(v)
       timer("grand")
-    out.update(S.EpochAccumulator.finalize(self.state["epoch"]))
-    if "minibatch" in self.state:
-      out.update(S.MinibatchForgetting.finalize(self.state["minibatch"]))
-    if self.vog:
-      out.update(S.VoGAccumulator.finalize(dict(self.state["vog"]), y))
-    if self.opts["representation"]:
+    if only is None:
+      out.update(S.EpochAccumulator.finalize(self.state["epoch"]))
+      if "minibatch" in self.state:
+        out.update(S.MinibatchForgetting.finalize(self.state["minibatch"]))
+      if self.vog:
+        out.update(S.VoGAccumulator.finalize(dict(self.state["vog"]), y))
+    if wanted("representation"):
       layers, _ = self._members(lambda vv: S.representation.features(
           self.apply_fn, vv, x, self.chunk, include_input=True, return_logits=True), v)
       timer("features")

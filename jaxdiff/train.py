@@ -8,6 +8,7 @@ as an uninterrupted run; a workdir written with a different config is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -90,13 +91,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field, valid in (("member_strategy", ens.MEMBER_STRATEGIES), ("epoch_loop", ens.EPOCH_LOOPS)):
     if config.get(field, "auto") not in valid:
       raise ConfigError(f"config.{field}={config.get(field)!r}; valid: {', '.join(valid)}")
-  recording.validate(config.get("scores", {}))
+  try:
+    recording.validate(config.get("scores", {}), num_epochs=config.num_epochs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  optim = config.optim
+  milestones = list(optim.get("milestones", ()) or ())
+  if optim.get("schedule", "constant") == "step" and not all(0 < m < 1 for m in milestones):
+    raise ConfigError(f"optim.milestones={milestones}: fractions of training, each in (0, 1)")
+  warmup = optim.get("warmup_epochs", 0) or 0
+  if not isinstance(warmup, int) or warmup < 0 or warmup >= config.num_epochs:
+    raise ConfigError(f"optim.warmup_epochs={warmup!r}: must be an integer in "
+                      f"[0, num_epochs={config.num_epochs})")
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json in a new workdir; refuses a workdir written by another config."""
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """Writes config.json in a new workdir; refuses a workdir written by another config.
+
+  The `scores` section alone may change on a finished workdir (trained to `num_epochs`, scores
+  written): the scores it changes are then computed from the final checkpoint, and config.json
+  is rewritten once they are. Options recorded during training (`recording.RECORDED_IN_TRAINING`)
+  cannot change after it.
+
+  Returns:
+    None, or for such a change `{"groups": score groups to compute, "drop": stored scores they
+    replace}`.
+  """
   path = os.path.join(workdir, "config.json")
   resolved = json.loads(config.to_json_best_effort())
+  rescore = None
   if os.path.exists(path):
     try:
       with open(path) as f:
@@ -105,15 +128,61 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{path} is corrupt ({e}); remove the workdir or fix the file") from e
     a, b = flatten_config(old), flatten_config(resolved)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
+    describe = lambda keys: "; ".join(f"{k}: workdir has {a.get(k)!r}, config has {b.get(k)!r}"
+                                      for k in keys[:8])
+    if any(not k.startswith("scores.") for k in diff):
+      raise ConfigError(f"workdir {workdir!r} was written by a different config ({describe(diff)})."
+                        " Use a new --workdir, or the original config to resume.")
     if diff:
-      details = "; ".join(f"{k}: workdir has {a.get(k)!r}, config has {b.get(k)!r}" for k in diff[:8])
-      raise ConfigError(f"workdir {workdir!r} was written by a different config ({details}). "
-                        "Use a new --workdir, or the original config to resume.")
+      rescore = _rescore_plan(workdir, config, diff, describe)
   os.makedirs(workdir, exist_ok=True)
   # Temporaries of writes cut short by a kill (checkpoints/ is Orbax's to manage).
   for stale in store.remove_stale_temporaries(workdir, skip=("checkpoints",)):
     logging.info("removed %s, left by an interrupted run", stale)
-  store.atomic_write_json(path, resolved)
+  if rescore is None:
+    store.atomic_write_json(path, resolved)
+  return rescore
+
+
+def _rescore_plan(workdir, config, diff, describe) -> dict:
+  """What a change of the `scores` section on a finished workdir recomputes (see check_workdir)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ()) if n.isdigit()]
+  if config.num_epochs not in steps or not _scores_complete(workdir):
+    raise ConfigError(f"workdir {workdir!r} was written with other score options "
+                      f"({describe(diff)}) and is not finished: resume it with its own config "
+                      "first; the scores section may change once training is done")
+  options = [k.split(".", 1)[1].split(".")[0] for k in diff]
+  fixed = [k for k, o in zip(diff, options) if o in recording.RECORDED_IN_TRAINING]
+  if fixed:
+    raise ConfigError(f"{describe(fixed)}: these scores are recorded during training and cannot "
+                      "change on a trained workdir; use a new --workdir")
+  groups = {recording.OPTION_GROUPS[o] for o in options if recording.OPTION_GROUPS.get(o)}
+  drop = {name for g in groups for name in recording.GROUP_SCORES[g]}
+  logging.info("scores section changed (%s): computing %s from the final checkpoint",
+               describe(diff), sorted(groups) or "nothing")
+  return {"groups": groups, "drop": drop}
+
+
+def validate_against_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> None:
+  """Checks the options whose valid range depends on the data, before the first step (a value
+  that only fails in the final scoring would cost the whole training)."""
+  n = ds.num_train
+  if config.batch_size > n:
+    raise ConfigError(f"batch_size={config.batch_size} exceeds the {n} training examples")
+  opts = {**recording.DEFAULTS, **dict(config.get("scores", {}) or {})}
+  if opts["representation"]:
+    if int(opts["knn_k"]) >= n:
+      raise ConfigError(f"scores.knn_k={opts['knn_k']}: must be below the {n} training examples "
+                        "(the k-NN probes of prediction depth leave each example out); or set "
+                        "scores.representation=False")
+    k = int(opts["num_prototypes"]) or ds.num_classes
+    if k > n:
+      what = (f"scores.num_prototypes={opts['num_prototypes']}" if opts["num_prototypes"] else
+              f"scores.num_prototypes=0 (= the {ds.num_classes} classes of labels 0.."
+              f"{ds.num_classes - 1})")
+      raise ConfigError(f"{what}: k-means needs at most one cluster per training example, and "
+                        f"the data has {n}; set scores.num_prototypes <= {n}")
 
 
 LOCK_FILE = ".lock"
@@ -163,7 +232,10 @@ class _MetricsLog:
             self.lines.append(line.rstrip("\n"))
 
   def write(self, records):
-    self.lines += [json.dumps(r, sort_keys=True) for r in records]
+    # Strict JSON: a diverged member's NaN/inf losses are written as null.
+    clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
+    self.lines += [json.dumps({k: clean(v) for k, v in r.items()}, sort_keys=True, allow_nan=False)
+                   for r in records]
     store.atomic_write_text(self.path, "\n".join(self.lines) + "\n")
 
 
@@ -201,14 +273,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _train_and_evaluate(config, workdir, arrays, held)
 
 
-def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> dict:
+@dataclasses.dataclass
+class Run:
+  """Everything a config builds before its first step (`setup`).
+
+  Attributes:
+    config: the validated config.
+    ds: the dataset (after label noise).
+    model: the Flax module.
+    engine: the ensemble engine (devices, member chunks, strategy resolved).
+    member_ids: int `[R]`, the members' ids (`first_member` ..).
+    fractions: float `[R]`, each member's training-subset fraction.
+    subset_mask: bool `[R, N]` of the examples each member trains on, or None (all).
+    steps_per_epoch: optimiser steps per epoch.
+    state: the initial MemberState `[R]`, laid out on the engine's devices.
+    recorder: the score recorder, its accumulators laid out likewise.
+    data_keys, aug_keys: `[R]` per-member keys of data order and augmentation.
+  """
+  config: ml_collections.ConfigDict
+  ds: data_lib.Dataset
+  model: Any
+  engine: ens.Engine
+  member_ids: np.ndarray
+  fractions: np.ndarray
+  subset_mask: np.ndarray | None
+  steps_per_epoch: int
+  state: ens.MemberState
+  recorder: recording.Recorder
+  data_keys: jax.Array
+  aug_keys: jax.Array
+
+  @property
+  def num_runs(self) -> int:
+    return int(self.member_ids.size)
+
+  def target(self) -> dict:
+    """The checkpointed pytree of this run, as restore targets."""
+    return {"state": self.state, "recorder": self.recorder.state}
+
+
+def setup(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray] | None = None,
+          workdir: str | None = None) -> Run:
+  """Validates `config` (also against its data) and builds the run's data, model, engine and
+  initial state, as training does before its first step."""
   validate_config(config)
   ds = data_lib.load_dataset(config.data, arrays)
+  validate_against_data(config, ds)
   model = models.build_model(config.model, ds.num_classes)
-
   num_runs, bs, num_epochs = config.num_runs, config.batch_size, config.num_epochs
-  if bs > ds.num_train:
-    raise ConfigError(f"batch_size={bs} exceeds the {ds.num_train} training examples")
   member_ids = np.arange(config.get("first_member", 0), config.get("first_member", 0) + num_runs)
   fractions = member_fractions(config.get("subset_fraction", 1.0), member_ids)
   if np.all(fractions == 1.0):
@@ -229,30 +341,78 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
   init_keys, data_keys, aug_keys = ens.member_keys(config.seed, member_ids)
   scales = list(config.optim.get("member_lr_scale", ()) or ())
   state = engine.init(init_keys, ds.x_train[:1], np.asarray(scales) if scales else None)
-  data_keys, aug_keys = engine.shard(data_keys), engine.shard(aug_keys)
-  x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
-  mask_dev = None if subset_mask is None else engine.shard(jnp.asarray(subset_mask))
   recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir,
                                 member_ids=member_ids)
   recorder.state = engine.place(recorder.state, num_runs)
+  return Run(config=config, ds=ds, model=model, engine=engine, member_ids=member_ids,
+             fractions=fractions, subset_mask=subset_mask, steps_per_epoch=steps_per_epoch,
+             state=state, recorder=recorder, data_keys=engine.shard(data_keys),
+             aug_keys=engine.shard(aug_keys))
+
+
+def restore(run: Run, workdir: str, epoch: int | None = None):
+  """The checkpoint of `epoch` (the newest if None) of `workdir`, laid out as `run`'s state, on
+  any device count; its checksums are verified first.
+
+  Returns:
+    (epoch, MemberState `[R]`, recorder state).
+
+  Raises:
+    CheckpointError: no such checkpoint (naming the saved epochs), or it cannot be read.
+  """
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
+                 if n.isdigit())
+  if not steps or (epoch is not None and epoch not in steps):
+    raise CheckpointError(f"{ckpt_dir} has no checkpoint of epoch {epoch if epoch else 'any'} "
+                          f"(saved epochs: {steps or 'none'})")
+  epoch = steps[-1] if epoch is None else epoch
+  step_dir = os.path.join(ckpt_dir, str(epoch))
+  target = run.target()
+  try:
+    checksums.verify(step_dir)
+    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"), target)
+  except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
+    raise CheckpointError(f"checkpoint {step_dir} cannot be read: {type(e).__name__}: "
+                          f"{str(e)[:300]}") from e
+  return epoch, *_place_restored(run, restored, target)
+
+
+def _place_restored(run: Run, restored, target):
+  """Every restored array where the array it replaces lives (Orbax restores onto the target's
+  shardings, but a leaf can come back committed to one device, and a sharded run then fails)."""
+  state = run.engine.place(restored["state"], run.num_runs)
+  rec = jax.tree_util.tree_map(_like, restored["recorder"], target["recorder"])
+  return state, run.engine.place(rec, run.num_runs)
+
+
+def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> dict:
+  run = setup(config, arrays, workdir)
+  ds, engine, recorder = run.ds, run.engine, run.recorder
+  num_runs, bs, num_epochs = config.num_runs, config.batch_size, config.num_epochs
+  steps_per_epoch, data_keys, aug_keys = run.steps_per_epoch, run.data_keys, run.aug_keys
+  state = run.state
+  x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
+  mask_dev = None if run.subset_mask is None else engine.shard(jnp.asarray(run.subset_mask))
   held.enter_context(workdir_lock(workdir))  # only once everything above has validated
-  check_workdir(workdir, config)
+  rescore = check_workdir(workdir, config)
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
                                                                               create=True))
   start_epoch = 0
-  target = {"state": state, "recorder": recorder.state}
+  target = run.target()
   restored_epoch, restored = _restore_newest_readable(mngr, target, workdir)
   if restored is not None:
     start_epoch = restored_epoch
-    # Every restored array where the array it replaces lives (Orbax restores onto the target's
-    # shardings, but a leaf can come back committed to one device; a sharded run then fails).
-    state = engine.place(restored["state"], num_runs)
-    recorder.state = jax.tree_util.tree_map(_like, restored["recorder"], target["recorder"])
-    recorder.state = engine.place(recorder.state, num_runs)
+    state, recorder.state = _place_restored(run, restored, target)
     logging.info("resumed %s from epoch %d", workdir, start_epoch)
   log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_epoch)
+  if start_epoch == num_epochs and rescore is None and _scores_complete(workdir):
+    logging.info("%s is complete (%d epochs trained, scores written): nothing to do", workdir,
+                 num_epochs)
+    _progress_done(workdir, config.get("progress", True))
+    return _summary(run, state, log)
   every = config.get("checkpoint_every", 1) or num_epochs
   unsealed = None  # the step saved last, whose checksums are not written yet
 
@@ -278,22 +438,41 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
       unsealed = epoch
   _seal(mngr, unsealed)
 
+  if rescore is not None and start_epoch == num_epochs and _scores_complete(workdir):
+    # A finished workdir whose scores section changed: only the changed score groups.
+    kept = store.load_scores(os.path.join(workdir, "scores")).scores
+    final, ensemble_scores = recorder.finalize(state, only=rescore["groups"])
+    final = {**{k: v for k, v in kept.items() if k not in rescore["drop"]}, **final}
+    logging.info("computed %s from the final checkpoint", sorted(rescore["groups"]) or "nothing")
+  else:
+    final, ensemble_scores = recorder.finalize(state)
+  write_scores(run, workdir, state, final, ensemble_scores)
+  if rescore is not None:
+    store.atomic_write_json(os.path.join(workdir, "config.json"),
+                            json.loads(config.to_json_best_effort()))
+  return _summary(run, state, log)
+
+
+def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
+                 ensemble_scores: Mapping[str, np.ndarray]) -> None:
+  """Writes the score store (`<workdir>/scores`), subset mask, final logits, ensemble scores and
+  noise mask of a finished run."""
+  config, ds = run.config, run.ds
   meta = {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
           "arch": config.get("arch_label") or _arch_label(config.model), "seed": config.seed,
-          "member_ids": member_ids.tolist(), "num_epochs": num_epochs,
+          "member_ids": run.member_ids.tolist(), "num_epochs": config.num_epochs,
           "diverged": np.asarray(state.diverged).tolist(),
           "diverged_step": np.asarray(state.diverged_step).tolist(),
-          "subset_fractions": fractions.tolist()}
-  final, ensemble_scores = recorder.finalize(state)
+          "subset_fractions": run.fractions.tolist()}
   meta["orientation"] = ("higher is harder: scores whose natural value is higher-is-easier are "
                          "stored negated (listed in 'negated')")
   meta["negated"] = sorted(set(final) & scores_lib.NEGATED)
-  store.save_scores(os.path.join(workdir, "scores"), final, example_ids=ds.example_ids,
+  store.save_scores(os.path.join(workdir, "scores"), dict(final), example_ids=ds.example_ids,
                     labels=ds.y_train, meta=meta)
   store.atomic_save_npy(os.path.join(workdir, "subset_mask.npy"),
-                        np.ones((num_runs, ds.num_train), bool) if subset_mask is None
-                        else subset_mask)
-  logits = recorder.final_logits
+                        np.ones((run.num_runs, ds.num_train), bool) if run.subset_mask is None
+                        else run.subset_mask)
+  logits = run.recorder.final_logits
   if logits is not None and logits.nbytes < 2**30:
     store.atomic_save_npy(os.path.join(workdir, "logits.npy"), logits.astype(np.float32))
   if ensemble_scores:  # one value per example, over the non-diverged members
@@ -301,9 +480,24 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
                              _npz_bytes(ensemble_scores))
   if ds.noise_mask.any():
     store.atomic_save_npy(os.path.join(workdir, "noise_mask.npy"), ds.noise_mask)
+
+
+def _summary(run: Run, state, log) -> dict:
   test_acc = np.array([r["test_acc"] for r in log_last(log)])
-  return {"test_acc": test_acc, "scoring_seconds": recorder.timings, "diverged": np.asarray(state.diverged), "state": state,
-          "dataset": ds.fingerprint(), "engine": engine}
+  return {"test_acc": test_acc, "scoring_seconds": run.recorder.timings,
+          "diverged": np.asarray(state.diverged), "state": state,
+          "dataset": run.ds.fingerprint(), "engine": run.engine}
+
+
+def _scores_complete(workdir: str) -> bool:
+  """The workdir's score store was written to the end (its meta.json, written last, exists)."""
+  return os.path.exists(os.path.join(workdir, "scores", store.META))
+
+
+def _progress_done(workdir, enabled):
+  msg = f"{workdir} is complete: nothing to do (a new --workdir trains again)"
+  if enabled:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def member_fractions(subset_fraction, member_ids: np.ndarray) -> np.ndarray:

@@ -83,8 +83,10 @@ def test_harness_detects_differences(reference, tmp_path):
   data[-1] ^= 1
   loss.write_bytes(bytes(data))
   assert kh.compare_finished(str(wd), reference) == ["scores/loss.npy differs"]
-  assert kh.check_workdir_sound(str(wd), reference)[0] == [
-      f"scores/loss.npy differs from the reference ({len(data)} bytes)"]
+  problems = kh.check_workdir_sound(str(wd), reference)[0]
+  assert problems[0] == f"scores/loss.npy differs from the reference ({len(data)} bytes)"
+  # ... and the score store's own SHA-256 catches it on load.
+  assert len(problems) == 2 and "does not match the SHA-256" in problems[1], problems
   metrics = wd / "metrics.jsonl"
   metrics.write_bytes(metrics.read_bytes()[:-40])
   problems = kh.check_workdir_sound(str(wd), reference)[0]

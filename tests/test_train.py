@@ -64,6 +64,15 @@ def test_resume_refuses_other_config(tmp_path):
     ({"data.name": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
     ({"model.width": -5}, r"model.width=-5: must be positive"),
     ({"member_chunk": -1}, r"config.member_chunk=-1: must be a non-negative integer"),
+    # Values that used to fail only after training (issue 16, defects 4 and 7).
+    ({"scores.knn_k": 100000}, r"scores.knn_k=100000: must be below the 400 training examples"),
+    ({"scores.snapshot_epochs": (1, 5)}, r"scores.snapshot_epochs=\[1, 5\]: \[5\] outside the "
+                                         r"trained epochs 1..2"),
+    ({"optim.schedule": "step", "optim.milestones": (0.5, 1.5)},
+     r"optim.milestones=\[0.5, 1.5\]: fractions of training, each in \(0, 1\)"),
+    ({"optim.warmup_epochs": 2}, r"optim.warmup_epochs=2: must be an integer in \[0, num_epochs=2\)"),
+    ({"scores.num_prototypes": 500}, r"scores.num_prototypes=500: k-means needs at most one "
+                                     r"cluster per training example, and the data has 400"),
 ])
 def test_bad_config_is_refused_before_writing(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -188,3 +197,84 @@ def test_member_equals_its_one_member_run_in_the_default_configuration(cases):
   r = subprocess.run([sys.executable, "-c", _IDENTITY_SCRIPT.format(root=ROOT, cases=cases)],
                      capture_output=True, text=True, env=env, timeout=900)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_data_dependent_options_are_refused_before_training(tmp_path):
+  """A 5-example dataset with the default knn_k=30, and a label of 999 (1000 prototype clusters
+  for 40 examples): refused before the first step, not after training (nothing written)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 40)).astype(np.float32)
+  c = tiny_config("mlp", **{"data.name": "arrays", "batch_size": 5})
+  with pytest.raises(train.ConfigError, match=r"scores.knn_k=30: must be below the 5 training"):
+    train.train_and_evaluate(c, str(tmp_path / "a"), arrays={"x_train": x, "y_train": np.arange(5)})
+  assert not (tmp_path / "a").exists()
+  x = rng.normal(size=(40, 40)).astype(np.float32)
+  y = np.r_[np.arange(39) % 10, 999]
+  with pytest.raises(train.ConfigError, match=r"num_prototypes=0 \(= the 1000 classes of labels "
+                                              r"0..999\).*the data has 40"):
+    train.train_and_evaluate(c, str(tmp_path / "b"), arrays={"x_train": x, "y_train": y})
+  assert not (tmp_path / "b").exists()
+
+
+def test_diverged_member_metrics_are_strict_json(tmp_path):
+  """A diverged member's non-finite losses are written as null (strict JSON parsers reject NaN)."""
+  c = tiny_config("mlp", num_epochs=1, **{"optim.name": "sgd", "optim.lr": 0.1,
+                                          "optim.member_lr_scale": (1.0, 1e9, 1.0),
+                                          "scores.representation": False})
+  train.train_and_evaluate(c, str(tmp_path))
+  text = (tmp_path / "metrics.jsonl").read_text()
+  assert "NaN" not in text and "Infinity" not in text
+  strict = [json.loads(l, parse_constant=lambda name: pytest.fail(f"non-JSON {name}"))
+            for l in text.splitlines()]
+  bad = [r for r in strict if r["member"] == 1]
+  assert bad[0]["diverged"] and bad[0]["train_loss"] is None
+
+
+def _snapshot(wd):
+  return {p.relative_to(wd).as_posix(): p.read_bytes() for p in wd.rglob("*")
+          if p.is_file() and p.name != ".lock"}
+
+
+def test_rerun_on_finished_workdir_is_a_no_op(tmp_path, monkeypatch, caplog):
+  c = tiny_config("mlp", num_epochs=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  before = _snapshot(tmp_path)
+  # A rerun neither trains nor scores again: any scoring would fail here.
+  monkeypatch.setattr(train.recording.Recorder, "finalize", lambda *a, **k: pytest.fail("scored"))
+  monkeypatch.setattr(train.recording.Recorder, "on_epoch", lambda *a, **k: pytest.fail("trained"))
+  with caplog.at_level("INFO"):
+    res = train.train_and_evaluate(c, str(tmp_path))
+  assert "nothing to do" in caplog.text
+  assert _snapshot(tmp_path) == before
+  assert len(res["test_acc"]) == 3
+
+
+def test_changed_scores_section_on_finished_workdir_computes_only_those(tmp_path, monkeypatch):
+  """grand off -> on, knn_k 30 -> 10 on a finished workdir: GraNd and the representation scores
+  come from the final checkpoint, equal to a run trained with those options from the start, bit
+  for bit; the other scores are not recomputed; options recorded during training are refused."""
+  off = tiny_config("mlp", num_epochs=2, **{"scores.grand": False})
+  train.train_and_evaluate(off, str(tmp_path / "w"))
+  on = tiny_config("mlp", num_epochs=2, **{"scores.knn_k": 10})
+  train.train_and_evaluate(on, str(tmp_path / "ref"))
+  calls = []
+  real = train.recording.Recorder.finalize
+  monkeypatch.setattr(train.recording.Recorder, "finalize",
+                      lambda self, state, only=None: calls.append(only) or real(self, state, only))
+  train.train_and_evaluate(on, str(tmp_path / "w"))
+  assert calls == [{"grand", "representation"}]
+  a = store.load_scores(str(tmp_path / "w" / "scores"))
+  b = store.load_scores(str(tmp_path / "ref" / "scores"))
+  assert sorted(a.scores) == sorted(b.scores)
+  for name in b.scores:
+    np.testing.assert_array_equal(a.scores[name], b.scores[name], err_msg=name)
+  with open(tmp_path / "w" / "config.json") as f:
+    assert json.load(f)["scores"]["knn_k"] == 10
+  calls.clear()
+  train.train_and_evaluate(on, str(tmp_path / "w"))  # now complete: nothing to do
+  assert calls == []
+  with pytest.raises(train.ConfigError, match=r"scores.minibatch: workdir has True, config has "
+                                              r"False.*recorded during training"):
+    train.train_and_evaluate(tiny_config("mlp", num_epochs=2, **{"scores.knn_k": 10,
+                                                                 "scores.minibatch": False}),
+                             str(tmp_path / "w"))
