@@ -181,3 +181,118 @@ def test_label_only_in_the_test_split_is_refused():
 def test_bad_noise_options_name_the_field(over, match):
   with pytest.raises(data_lib.DataError, match=match):
     data_lib.load_dataset(dict({"name": "mnist1d", "num_samples": 500, "label_noise": 0.1}, **over))
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry (issue 18) and scikit-learn's digits, data.normalize, tfds ids (issue 19).
+
+
+def test_registry_refuses_an_unknown_name_listing_the_valid_ones():
+  with pytest.raises(data_lib.DataError) as e:
+    data_lib.load_dataset({"name": "digitz"})
+  assert str(e.value) == ("unknown dataset 'digitz'; valid: mnist1d, digits, npz, arrays, mnist, "
+                          "fashion_mnist, cifar10, cifar100, svhn_cropped (or 'tfds:<name>' for "
+                          "any tfds image dataset)")
+  for name, entry in data_lib.DATASETS.items():  # every entry states its kind(s)
+    assert entry.kinds and set(entry.kinds) <= set(data_lib.KINDS), name
+  assert data_lib.source_of("tfds:emnist").kinds == ("image",)
+
+
+def test_digits_are_sklearns_images_split_by_the_documented_seed():
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  ref = load_digits()
+  ds = data_lib.load_dataset({"name": "digits"})
+  assert ds.kind == "image" and ds.num_classes == 10 and ds.name == "digits"
+  assert ds.x_train.shape == (1438, 8, 8, 1) and ds.x_test.shape == (359, 8, 8, 1)
+  # The documented split: the first round(0.8 * 1797) of default_rng(42).permutation, sorted.
+  perm = np.random.default_rng(42).permutation(1797)
+  train, test = np.sort(perm[:1438]), np.sort(perm[1438:])
+  np.testing.assert_array_equal(ds.source_ids, train)
+  np.testing.assert_array_equal(ds.y_train, ref.target[train])
+  np.testing.assert_array_equal(ds.y_test, ref.target[test])
+  # Standardised with the training pixels' mean and std (one channel), in float64 by hand.
+  pixels = [v for i in train for v in ref.images[i].ravel()]
+  mean = sum(pixels) / len(pixels)
+  std = (sum((v - mean) ** 2 for v in pixels) / len(pixels)) ** 0.5
+  np.testing.assert_allclose(ds.x_train[..., 0], (ref.images[train] - mean) / std, atol=1e-5)
+  np.testing.assert_allclose(ds.x_test[..., 0], (ref.images[test] - mean) / std, atol=1e-5)
+  raw = data_lib.load_dataset({"name": "digits", "normalize": False})
+  np.testing.assert_array_equal(raw.x_train[..., 0], ref.images[train])
+  # Deterministic; the split seed and fraction are part of the data's identity.
+  assert data_lib.load_dataset({"name": "digits"}).fingerprint() == ds.fingerprint()
+  assert ds.fingerprint()["data"] == {"name": "digits", "seed": 42, "train_split": 0.8,
+                                      "num_train": 0, "label_noise": 0.0}
+  other = data_lib.load_dataset({"name": "digits", "seed": 7, "train_split": 0.5})
+  assert other.num_train == 898 and not np.array_equal(other.source_ids[:50], train[:50])
+  assert other.fingerprint()["x_train_sha256"] != ds.fingerprint()["x_train_sha256"]
+  with pytest.raises(data_lib.DataError, match="digits train_split=1.0"):
+    data_lib.load_dataset({"name": "digits", "train_split": 1.0})
+
+
+def test_normalize_is_explicit_for_user_data(tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.normal(3.0, 2.0, size=(20, 4, 4, 2))
+  y = np.arange(20) % 3
+  path = tmp_path / "d.npz"
+  np.savez(path, x_train=x[:15], y_train=y[:15], x_test=x[15:], y_test=y[15:])
+  plain = data_lib.load_dataset({"name": "npz", "path": str(path)})
+  np.testing.assert_allclose(plain.x_train, x[:15], rtol=1e-6)  # user data: untouched by default
+  ds = data_lib.load_dataset({"name": "npz", "path": str(path), "normalize": True})
+  for c in range(2):  # images: each channel by its own training statistics
+    vals = x[:15, ..., c]
+    m, s = vals.mean(), vals.std()
+    np.testing.assert_allclose(ds.x_train[..., c], (vals - m) / s, atol=1e-5)
+    np.testing.assert_allclose(ds.x_test[..., c], (x[15:, ..., c] - m) / s, atol=1e-5)
+  assert ds.fingerprint()["data"]["normalize"] is True
+  assert "normalize" not in plain.fingerprint()["data"]
+  assert "normalize" not in data_lib.load_dataset(
+      {"name": "npz", "path": str(path), "normalize": False}).fingerprint()["data"]
+  sig = data_lib.load_dataset({"name": "arrays", "normalize": True},
+                              {"x_train": x[:, :, 0, 0], "y_train": y})
+  v = x[:, :, 0, 0]  # signals: one mean and std over all training values
+  np.testing.assert_allclose(sig.x_train, (v - v.mean()) / v.std(), atol=1e-5)
+  with pytest.raises(data_lib.DataError, match=r"data\.normalize='yes': must be True, False or None"):
+    data_lib.load_dataset({"name": "npz", "path": str(path), "normalize": "yes"})
+
+
+def test_kind_is_the_entrys_and_checked_against_the_data():
+  x, y = np.zeros((6, 5)), np.arange(6) % 2
+  assert data_lib.load_dataset({"name": "arrays", "kind": "signal"},
+                               {"x_train": x, "y_train": y}).kind == "signal"
+  with pytest.raises(data_lib.DataError, match=r"dataset 'arrays' gives inputs of shape \(5,\), "
+                     r"not images"):
+    data_lib.load_dataset({"name": "arrays", "kind": "image"}, {"x_train": x, "y_train": y})
+  with pytest.raises(data_lib.DataError, match="data.kind='signal' for dataset 'digits'; valid: "
+                     "image"):
+    data_lib.load_dataset({"name": "digits", "kind": "signal"})
+  with pytest.raises(data_lib.DataError, match="data.kind='audio'.*valid: signal, image"):
+    data_lib.load_dataset({"name": "arrays", "kind": "audio"}, {"x_train": x, "y_train": y})
+
+
+def test_tfds_keeps_each_examples_original_id():
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data_lib.load_dataset({"name": "cifar10", "num_train": 10})
+    raw = tfds.data_source("cifar10", split="train")
+    ids = [raw[i]["id"] for i in range(10)]  # CIFAR-10's own ids ("train_16399" in the real set)
+    mnist = data_lib.load_dataset({"name": "mnist"})  # no id feature: the index in the split
+  assert ds.source_ids.tolist() == [i.decode() if isinstance(i, bytes) else i for i in ids]
+  np.testing.assert_array_equal(mnist.source_ids, np.arange(12))
+  assert data_lib.load_dataset({"name": "mnist1d", "num_samples": 500}).source_ids is None
+
+
+def test_digits_train_a_2d_cnn_for_one_epoch(tmp_path):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from jaxdiff import store  # pylint: disable=g-import-not-at-top
+  from jaxdiff import train  # pylint: disable=g-import-not-at-top
+  c = tiny_config("cnn", num_epochs=1, num_runs=2, batch_size=64)
+  c.data.name = "digits"
+  c.scores.update(grand=False, representation=False, vog=False)  # the training is what is tested
+  res = train.train_and_evaluate(c, str(tmp_path))
+  ds = data_lib.load_dataset(c.data)
+  s = store.load_scores(str(tmp_path / "scores"))
+  assert s.meta["dataset"] == "digits" and s.meta["dataset_fingerprint"] == ds.fingerprint()
+  np.testing.assert_array_equal(s.labels, ds.y_train)
+  assert s.scores["loss"].shape == (2, 1438)
+  recs = train.read_metrics(str(tmp_path))
+  np.testing.assert_allclose(s.scores["loss"].mean(1), [r["train_loss"] for r in recs], rtol=1e-4)
+  assert min(res["test_acc"]) > 0.3  # chance is 0.1
