@@ -37,7 +37,9 @@ GROUP_SCORES = {"point": S.point.POINT_SCORE_NAMES,
 OPTIONS = ("knn_k", "grand_method", "chunk_size")
 INPUT_GRAD_NORM = ("input_grad_norm: ||d p_y / d x||_2 over the input's entries, the input "
                    "gradient of VoG (Agarwal, D'souza & Hooker 2022) at one checkpoint; not "
-                   "monotone in difficulty (p_y saturates near 0 and 1)")
+                   "monotone in difficulty (p_y saturates near 0 and 1): Spearman with mean loss "
+                   "+0.82 after 100 epochs of the default config, -0.76 with the loss early in "
+                   "training")
 
 
 class WorkdirError(ValueError):
@@ -284,7 +286,7 @@ def score_workdir(workdir: str, epoch: int | None = None, groups: Iterable[str] 
     # Point scores are always computed; grand and representation when asked (trajectory
     # scores are not: they need every epoch).
     computed, _ = run.recorder.finalize(run.state, only={g for g in groups if g in wanted})
-    logging.info("%s scores in %.1f s", "+".join(g for g in groups if g != "input_grad"),
+    logging.info("%s scores in %.1f s", "+".join(["point"] + [g for g in groups if g in wanted]),
                  time.perf_counter() - t0)
     new = {}
     for g in groups:
