@@ -26,6 +26,7 @@ import scipy
 
 from jaxdiff import analysis
 from jaxdiff import store
+from jaxdiff.report import analysis as analysis_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("runs", 100, "Runs per architecture.")
@@ -83,7 +84,7 @@ def main(argv):
   analysis_cpu_s = time.process_time() - c0
   with tempfile.TemporaryDirectory() as out:
     t0 = time.perf_counter()
-    analysis.write_report(result, out, figures=FLAGS.figures)
+    analysis_report.write_report(result, out, figures=FLAGS.figures)
     report_s = time.perf_counter() - t0
   # The permutation-test alternative, timed on one pair for the primary score.
   by_arch = {a: s.get(result.primary_score) for a, s in sets.items()}

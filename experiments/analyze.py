@@ -22,6 +22,7 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
 from jaxdiff import cli
+from jaxdiff.report import analysis as analysis_report  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs (each with scores/ and config.json).")
@@ -74,8 +75,8 @@ def main(argv):
     if inputs is None:
       notes.append("The gallery was skipped: the dataset could not be loaded (see the log).")
   x, kind = inputs if inputs is not None else (None, None)
-  written = analysis.write_report(result, FLAGS.out, x=x, kind=kind, figures=FLAGS.figures,
-                                  notes=notes)
+  written = analysis_report.write_report(result, FLAGS.out, x=x, kind=kind, figures=FLAGS.figures,
+                                         notes=notes)
   logging.info("wrote %d files to %s; timings %s", len(written), FLAGS.out, result.timings)
 
 

@@ -24,6 +24,7 @@ from absl import flags, logging  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdiff import fingerprint  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdiff.report import fingerprint as fingerprint_report  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs, one per architecture.", required=True)
@@ -59,9 +60,9 @@ def main(argv):
       random_repeats=FLAGS.random_repeats, fingerprint_k=FLAGS.fingerprint_k,
       fingerprint_method=FLAGS.fingerprint_method, holdout_k=FLAGS.holdout_k,
       fit_runs_k=FLAGS.fit_runs_k, cv_folds=FLAGS.cv_folds, none_quantile=FLAGS.none_quantile)
-  paths = fingerprint.write_report(report, FLAGS.out)
+  paths = fingerprint_report.write_report(report, FLAGS.out)
   logging.info("%s", report.header)
-  print(fingerprint.evaluate.accuracy_table_markdown(report.accuracy_vs_k))
+  print(fingerprint_report.accuracy_table_markdown(report.accuracy_vs_k))
   for name, path in paths.items():
     logging.info("wrote %s: %s", name, path)
 

@@ -18,7 +18,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import cli  # pylint: disable=g-import-not-at-top
-from jaxdiff import heldout  # pylint: disable=g-import-not-at-top
+from jaxdiff.report import heldout as heldout_report  # pylint: disable=g-import-not-at-top
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (subset_fraction < 1).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/heldout).")
@@ -34,7 +34,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   out = _OUT.value or os.path.join(_WORKDIR.value, "heldout")
   # Every input is checked before anything is written; a refusal is one line (cli.run).
-  print(heldout.write_report(_WORKDIR.value, out, min_holdout=_MIN_HOLDOUT.value,
+  print(heldout_report.write_report(_WORKDIR.value, out, min_holdout=_MIN_HOLDOUT.value,
                              full_data_workdir=_FULL.value))
 
 

@@ -19,7 +19,6 @@ import pandas as pd
 import scipy.stats
 
 from jaxdiff import data as data_lib
-from jaxdiff import plots
 from jaxdiff import store
 
 # How the ranking is made: one run's score ("single"), the mean over all valid runs ("mean"),
@@ -313,52 +312,6 @@ def subset_overlap(scores: np.ndarray, fractions: Sequence[float], keep: Sequenc
                        overlap=float(agreement.expected_overlap(pa, pb, size)),
                        chance=float(size / n)))
   return pd.DataFrame(rows)
-
-
-def plot_pruning(summary: pd.DataFrame, path: str, *, title: str = "") -> str:
-  """Test accuracy (mean +- std over seeds) against the pruned fraction: one panel per kept side,
-  one line per method, the full-data accuracy as a band. Written atomically as PNG."""
-  return plots.save_figure(pruning_figure(summary, title=title), path)
-
-
-def pruning_figure(summary: pd.DataFrame, *, title: str = ""):
-  """The `matplotlib.figure.Figure` of `plot_pruning`. The x axis is ticked at the pruned
-  fractions only; the methods' points are set slightly apart around each so that their error bars
-  do not hide each other."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  sides = [k for k in KEEP if (summary.keep == k).any()] or ["random"]
-  fig = Figure(figsize=(5 * len(sides), 3.8))
-  axes = fig.subplots(1, len(sides), squeeze=False, sharey=True)[0]
-  full = summary[summary.method == "full"]
-  colors = {"single": "C3", "mean": "C0", "random": "0.4"}
-  pct = np.unique(100 * summary.fraction[summary.method != "full"].to_numpy(np.float64))
-  for ax, side in zip(axes, sides):
-    if len(full):
-      m, s = float(full["mean"].iloc[0]), float(np.nan_to_num(full["std"].iloc[0]))
-      ax.axhspan(m - s, m + s, color="C2", alpha=0.15, lw=0)
-      ax.axhline(m, color="C2", lw=1, label="full data")
-    for method in METHODS:
-      g = summary[(summary.method == method) & ((summary.keep == side) | (method == "random"))]
-      if g.empty:
-        continue
-      g = g.sort_values("fraction")
-      label = {"single": "single-run score", "mean": "score averaged over runs",
-               "random": "random"}[method]
-      dodge = {"single": -0.8, "mean": 0.0, "random": 0.8}[method]  # keep error bars apart
-      ax.errorbar(100 * g.fraction + dodge, g["mean"], yerr=np.nan_to_num(g["std"]), marker="o",
-                  ms=4, capsize=3, color=colors[method], label=label)
-    ax.set_xticks(pct, [f"{p:g}%" for p in pct])
-    if pct.size:
-      span = max(float(np.ptp(pct)), 20.0)  # one fraction: a window around it, not +-1%
-      ax.set_xlim(pct.min() - 0.15 * span, pct.max() + 0.15 * span)
-    ax.set_xlabel("% of training set pruned")
-    ax.set_title(f"keep the {side}" if side in KEEP else "random", fontsize=10)
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
-  axes[-1].legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  return fig
 
 
 def training_config(base: ml_collections.ConfigDict, model: Mapping[str, Any], *, num_seeds: int,

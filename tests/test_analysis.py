@@ -19,6 +19,7 @@ from jaxdiff import analysis as A
 from jaxdiff import store
 from jaxdiff.analysis import correlation
 from jaxdiff.analysis import sensitivity as S
+from jaxdiff.report import analysis as analysis_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -524,11 +525,11 @@ def test_gallery_drawn_from_the_workdir_dataset(tmp_path):
   x, kind = analyze_script.load_inputs(wds[0])
   assert x.shape == (400, 40) and kind == "signal"
   result = A.analyze(A.load_workdirs(wds), num_draws=2, kendall_draws=0, methods=("spearman",))
-  A.write_report(result, str(tmp_path / "report"), x=x, kind=kind)
+  analysis_report.write_report(result, str(tmp_path / "report"), x=x, kind=kind)
   assert (tmp_path / "report" / "figures" / "gallery.png").stat().st_size > 1000
   assert "![gallery](figures/gallery.png)" in (tmp_path / "report" / "report.md").read_text()
   with pytest.raises(ValueError, match="example ids reach 399 but the inputs have 300 rows"):
-    A.write_report(result, str(tmp_path / "report2"), x=x[:300], kind=kind)
+    analysis_report.write_report(result, str(tmp_path / "report2"), x=x[:300], kind=kind)
 
 
 # ----------------------------------------------------------------------------- issue 17: ties
@@ -647,7 +648,7 @@ def test_report_flags_a_near_constant_score_instead_of_extrapolating(tmp_path):
   need = res.tables["runs_needed"]
   assert (need[need.score == "prediction_depth"].flag != "").all()
   assert (need[need.score == "loss"].flag == "").all()
-  A.write_report(res, str(tmp_path / "r"), figures=False)
+  analysis_report.write_report(res, str(tmp_path / "r"), figures=False)
   md = (tmp_path / "r" / "report.md").read_text()
   line = next(l for l in md.splitlines() if l.startswith("| mlp | prediction_depth"))
   assert "flagged" in line
@@ -671,7 +672,7 @@ def test_analyze_reports_the_scores_it_drops(tmp_path):
   assert set(res.dropped) == {"forgetting_events_inf", "mb_presentations", "const"}
   assert "non-finite" in res.dropped["forgetting_events_inf"]
   assert set(res.tables["reliability"].score) == {"el2n", "loss"}
-  A.write_report(res, str(tmp_path / "r"), figures=False)
+  analysis_report.write_report(res, str(tmp_path / "r"), figures=False)
   md = (tmp_path / "r" / "report.md").read_text()
   assert "Scores left out" in md and "`forgetting_events_inf` (non-finite values in mlp" in md
   # A caller that chose the scores itself passes its reasons on.
@@ -712,8 +713,8 @@ def test_analyze_script_refuses_bad_alpha_and_top_m(tmp_path):
 
 
 def test_gallery_row_says_which_test_ranks_it(tmp_path, monkeypatch):
-  from jaxdiff import plots  # pylint: disable=g-import-not-at-top
-  from jaxdiff.analysis import report  # pylint: disable=g-import-not-at-top
+  from jaxdiff.report import analysis as report  # pylint: disable=g-import-not-at-top
+  from jaxdiff.report import figures as plots  # pylint: disable=g-import-not-at-top
   wds = _fake_workdirs(tmp_path, ["mlp", "cnn"], n=100, runs=4, id_offset=0)
   res = A.analyze(A.load_workdirs(wds), num_draws=2, kendall_draws=0, methods=("spearman",))
   seen = {}

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, tiny_config
 from jaxdiff import heldout
+from jaxdiff.report import heldout as heldout_report
 from jaxdiff import store
 from jaxdiff import train
 
@@ -264,7 +265,7 @@ def test_other_full_data_workdir_writes_nothing(tmp_path):
   out = tmp_path / "out"
   with pytest.raises(store.StoreError,
                      match=r"'.*full' and '.*w' were trained on different data \(labels_sha256"):
-    heldout.write_report(w, str(out), full_data_workdir=full_other)
+    heldout_report.write_report(w, str(out), full_data_workdir=full_other)
   assert not out.exists()
   # The script: exit status 1, one line naming the difference, no output directory.
   env = dict(os.environ, PYTHONPATH=ROOT)
@@ -275,7 +276,7 @@ def test_other_full_data_workdir_writes_nothing(tmp_path):
   assert "Traceback" not in res.stderr and not out.exists()
   # The same data: everything is written, with the full-data rows in the AUROC table.
   full_same = _noisy_workdir(tmp_path / "full_same", noise_seed=0, subsets=False)
-  heldout.write_report(w, str(out), full_data_workdir=full_same, min_holdout=1)
+  heldout_report.write_report(w, str(out), full_data_workdir=full_same, min_holdout=1)
   rows = json.loads((out / "noise_auroc.json").read_text())
   assert "full-data" in {r["kind"] for r in rows}
   assert (out / "c_score.npy").exists() and (out / "summary.md").exists()
@@ -291,7 +292,7 @@ def test_truncated_workdir_file_is_named(tmp_path, fname):
   with pytest.raises(store.StoreError, match=f"corrupt or truncated file '{path}'"):
     heldout.read_workdir(w)
   with pytest.raises(store.StoreError, match=f"'{path}'"):
-    heldout.write_report(w, str(tmp_path / "out"))
+    heldout_report.write_report(w, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 
 

@@ -4,7 +4,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxdiff import plots
+from jaxdiff.report import figures as plots
 
 
 def _png(path):
@@ -78,7 +78,7 @@ def test_manhattan_legend_names_the_class_colours(monkeypatch):
 
 def test_pruning_plot_ticks_only_the_pruned_fractions(monkeypatch):
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  from jaxdiff import pruning  # pylint: disable=g-import-not-at-top
+  from jaxdiff.report import pruning  # pylint: disable=g-import-not-at-top
   figs = _captured(monkeypatch)
   rows = [dict(method="full", keep="all", fraction=0.0, mean=0.9, std=0.01)]
   rows += [dict(method=m, keep=k, fraction=0.3, mean=0.8, std=0.02)

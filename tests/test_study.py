@@ -17,6 +17,7 @@ from jaxdiff import models
 from jaxdiff import pruning
 from jaxdiff import store
 from jaxdiff import study
+from jaxdiff.report import analysis as analysis_report
 from experiments.configs import study as study_config
 from experiments.configs import study_cifar10
 from experiments.configs import study_tiny
@@ -365,7 +366,7 @@ def test_most_sensitive_ids_follow_the_gallery_ranking(tmp_path):
                              labels=np.zeros(n, int), meta=dict(num_runs=runs))
   out = str(tmp_path / "analysis")
   res = analysis.analyze(sets, num_draws=2, kendall_draws=0, methods=("spearman",), top_m=10)
-  analysis.write_report(res, out, figures=False)
+  analysis_report.write_report(res, out, figures=False)
   se = study.sensitivity_findings(sets, "loss", out, 0.05)
   table = res.tables["sensitive_examples"]
   welch = table[(table.score == "loss") & (table.group == "most")].example_id.tolist()
@@ -374,3 +375,31 @@ def test_most_sensitive_ids_follow_the_gallery_ranking(tmp_path):
   y = np.repeat(np.arange(3), runs)
   log_p, f_stat = selection.anova_log_pvalues(x, y)
   assert np.lexsort((-f_stat, log_p))[:10].tolist() != welch[:10]  # the rankings do differ here
+
+
+def test_findings_from_the_analysis_in_memory_equal_those_read_from_its_files(tmp_path):
+  # A study reads its findings from the `Analysis` in memory when the stage ran, and from the
+  # written tables when it was up to date: both must give the same numbers (the files are the
+  # reference, the path every study took before).
+  from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
+  from jaxdiff.report import study as study_report  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  n, runs = 200, 6
+  sets = {}
+  for a in ("mlp", "cnn", "res"):
+    base = rng.standard_normal(n)
+    scores = dict(loss=base + rng.standard_normal((runs, n)),
+                  el2n=base + 2 * rng.standard_normal((runs, n)))
+    sets[a] = store.ScoreSet(scores={k: v.astype(np.float32) for k, v in scores.items()},
+                             example_ids=np.arange(n), labels=np.arange(n) % 3,
+                             meta=dict(num_runs=runs))
+  res = analysis.analyze(sets, num_draws=3, kendall_draws=0, methods=("spearman",), top_m=10,
+                         primary_score="el2n")
+  out = str(tmp_path / "analysis")
+  analysis_report.write_report(res, out, figures=False)
+  as_json = lambda f: json.dumps(study_report._json_ready(f), sort_keys=True)
+  archs = list(sets)
+  for fn in (study.reliability_findings, study.agreement_findings):
+    assert as_json(fn(res, "el2n", archs)) == as_json(fn(out, "el2n", archs)), fn.__name__
+  assert (as_json(study.sensitivity_findings(sets, "el2n", res, 0.05))
+          == as_json(study.sensitivity_findings(sets, "el2n", out, 0.05)))

@@ -1,6 +1,7 @@
 """Statistical analysis of difficulty scores: reliability across runs, agreement, sensitivity.
 
-Vectorised over examples (numpy/scipy); `report` turns training workdirs into tables and figures.
+Vectorised over examples (numpy/scipy); `report` turns training workdirs into
+tables (`jaxdiff.report.analysis` writes them, with figures).
 """
 
 from jaxdiff.analysis.agreement import (FRACTIONS, SIDES, Spectrum, expected_overlap,
@@ -19,4 +20,4 @@ from jaxdiff.analysis.sensitivity import (PairwiseSensitivity, WelchResult, bh_a
                                           log_t_sf, pairwise_sensitivity, permutation_groups,
                                           permutation_test, welch_t_test)
 from jaxdiff.analysis.report import (NOT_SCORES, Analysis, analyze, load_workdirs,
-                                     markdown_table, score_problems, write_report)
+                                     score_problems)

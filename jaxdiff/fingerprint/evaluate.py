@@ -1,6 +1,6 @@
 """Evaluation of architecture fingerprints: run splits, accuracy vs k and vs runs, hold-one-out.
 
-Also the report writers (markdown/CSV tables) and the accuracy-versus-k figure (matplotlib, Agg).
+`run_report` returns a `Report`; `jaxdiff.report.fingerprint` writes it (markdown, CSV, figure).
 
 Protocol: each architecture's runs are split once, seeded, into fit and test runs. Example
 selection, z-scoring, the L2 strength (cross-validated), k-means and the "none of these" threshold
@@ -10,7 +10,6 @@ all see the fit runs only; test accuracy is measured on the test runs only.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Mapping, Sequence
 
@@ -319,84 +318,6 @@ def holdout(data: RunScores, fit_idx: np.ndarray, test_idx: np.ndarray, *, k: in
   return pd.DataFrame(rows)
 
 
-# ---------------------------------------------------------------------------------------------
-# Report writers.
-
-
-def accuracy_table_markdown(df: pd.DataFrame) -> str:
-  """Markdown table of accuracy vs k: one row per (method, classifier), one column per k.
-
-  Cells show the accuracy, "+- sd" over random repeats, and "(n=..)" when fewer than k examples were
-  selected (Bonferroni).
-  """
-  ks = sorted(df["k"].unique())
-  lines = ["| selection | classifier | " + " | ".join(f"k={k}" for k in ks) + " |",
-           "|---|---|" + "---|" * len(ks)]
-  order = list(dict.fromkeys(df["method"]))
-  for method in order:
-    for clf in dict.fromkeys(df.loc[df["method"] == method, "classifier"]):
-      cells = []
-      for k in ks:
-        row = df[(df["method"] == method) & (df["classifier"] == clf) & (df["k"] == k)]
-        if row.empty:
-          cells.append("")
-          continue
-        r = row.iloc[0]
-        cell = f"{r['accuracy']:.3f}"
-        if r["repeats"] > 1:
-          cell += f" ± {r['accuracy_sd']:.3f}"
-        if method != BASELINE and r["n_selected"] < k:
-          cell += f" (n={int(r['n_selected'])})"
-        cells.append(cell)
-      label = "dataset-mean score (baseline)" if method == BASELINE else method
-      lines.append(f"| {label} | {clf} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def frame_markdown(df: pd.DataFrame, float_fmt: str = "{:.3f}") -> str:
-  """Plain markdown rendering of a small table (no tabulate dependency)."""
-  cols = list(df.columns)
-  fmt = lambda v: float_fmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-  return "\n".join(lines) + "\n"
-
-
-def plot_accuracy_vs_k(df: pd.DataFrame, path: str, title: str = "") -> None:
-  """Saves the accuracy-versus-k figure: one line per selection method (solid: logistic regression,
-  dashed: k-means), the dataset-mean-score baseline dotted, chance grey; written atomically."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7.5, 4))
-  styles = {"logreg": "-", "kmeans": "--"}
-  colors = dict(zip(list(selection.SELECTION_METHODS) + [BASELINE],
-                    ["C0", "C1", "C2", "C3", "0.3"]))
-  for (method, clf), g in df.groupby(["method", "classifier"], sort=False):
-    g = g.sort_values("k")
-    ls = (":" if clf == "logreg" else "-.") if method == BASELINE else styles.get(clf, "-")
-    label = f"{'dataset-mean score' if method == BASELINE else method} / {clf}"
-    ax.errorbar(g["k"], g["accuracy"], yerr=g["accuracy_sd"] if (g["repeats"] > 1).any() else None,
-                ls=ls, marker="o" if method != BASELINE else None, ms=3,
-                color=colors.get(method), label=label, capsize=2)
-  ax.axhline(float(df["chance"].iloc[0]), color="0.6", lw=1, label="chance")
-  ax.set_xscale("log")
-  ks = sorted(df["k"].unique())
-  ax.set_xticks(ks, [str(k) for k in ks])
-  ax.set_xlabel("k (selected examples)")
-  ax.set_ylabel("test accuracy (held-out runs)")
-  ax.set_ylim(0, 1.02)
-  if title:
-    ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format=os.path.splitext(path)[1][1:] or "png", dpi=150)
-  plt.close(fig)
-  store.atomic_write_bytes(path, buf.getvalue())
-
-
 @dataclasses.dataclass
 class Report:
   """All results of `run_report`."""
@@ -440,42 +361,3 @@ def run_report(data: RunScores, *, ks: Sequence[int] = DEFAULT_KS,
   title = (f"{'+'.join(data.score_names)} on {data.dataset}: {', '.join(data.arch_names)}; "
            f"{len(test_idx)} test runs")
   return Report(acc_k, acc_r, hold, fp, header, title)
-
-
-def write_report(report: Report, out_dir: str) -> dict[str, str]:
-  """Writes report.md, accuracy_vs_k.{csv,md,png}, accuracy_vs_fit_runs.csv, holdout.csv and
-  fingerprint/ under `out_dir`, each atomically. Returns name -> path."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {}
-
-  def put(name, text):
-    paths[name] = os.path.join(out_dir, name)
-    store.atomic_write_text(paths[name], text)
-
-  table = accuracy_table_markdown(report.accuracy_vs_k)
-  put("accuracy_vs_k.csv", report.accuracy_vs_k.to_csv(index=False))
-  put("accuracy_vs_k.md", table)
-  put("accuracy_vs_fit_runs.csv", report.accuracy_vs_fit_runs.to_csv(index=False))
-  runs = report.accuracy_vs_fit_runs[["fit_runs_per_arch", "method", "classifier", "k",
-                                      "n_selected", "accuracy", "accuracy_sd", "n_test"]]
-  md = ["# Architecture fingerprint report", "", report.header, "",
-        "## Test accuracy vs k", "", table, "## Test accuracy vs fit runs per architecture", "",
-        frame_markdown(runs)]
-  if report.holdout is not None:
-    put("holdout.csv", report.holdout.to_csv(index=False))
-    md += ["## Hold one architecture out", "",
-           "Trained without the held-out architecture; `flagged_fraction` is how many of its runs "
-           "the 'none of these' distance rule flags, `known_false_flag` how many test runs of "
-           "known architectures it flags.", "", frame_markdown(report.holdout)]
-  paths["figure"] = os.path.join(out_dir, "accuracy_vs_k.png")
-  plot_accuracy_vs_k(report.accuracy_vs_k, paths["figure"], title=report.title)
-  paths["fingerprint"] = os.path.join(out_dir, "fingerprint")
-  report.fingerprint.save(paths["fingerprint"])
-  fp = report.fingerprint
-  md += ["## Saved fingerprint", "",
-         f"`fingerprint/`: {len(fp.example_ids)} examples chosen by {fp.info['method']} on fit "
-         f"runs only; example ids {fp.example_ids.tolist()[:20]}; L2 = {fp.classifier.l2:g}; "
-         f"'none of these' threshold {fp.classifier.threshold:.3f}. Apply with "
-         "`jaxdiff.fingerprint.load_fingerprint(dir).predict(jaxdiff.store.load_scores(...))`.", ""]
-  put("report.md", "\n".join(md))
-  return paths

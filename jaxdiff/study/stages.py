@@ -1,0 +1,266 @@
+"""The study's stages: training every architecture, then analysis, fingerprint and pruning, each
+skipped when its output folder holds the result for the same inputs (the stage cache), and the
+compute time of every piece of work (timings.json)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from jaxdiff import analysis
+from jaxdiff import data as data_lib
+from jaxdiff import fingerprint
+from jaxdiff import pruning
+from jaxdiff import store
+from jaxdiff import train
+from jaxdiff.report import analysis as analysis_report
+from jaxdiff.report import fingerprint as fingerprint_report
+from jaxdiff.study.config import StudyError, arch_config, arch_names
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def arch_workdir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "runs", name)
+
+
+def is_trained(workdir: str) -> bool:
+  """A training workdir is finished when its scores/meta.json exists (written last)."""
+  return os.path.exists(os.path.join(workdir, "scores", store.META))
+
+
+def train_archs(config: ml_collections.ConfigDict, workdir: str,
+                arrays: Mapping[str, np.ndarray] | None = None,
+                train_fn: Callable[..., Any] | None = None) -> dict[str, str]:
+  """Trains every architecture not yet finished; interrupted ones resume from their checkpoint.
+
+  Returns:
+    arch name -> its training workdir `<workdir>/runs/<arch>`.
+  """
+  train_fn = train_fn or train.train_and_evaluate
+  out = {}
+  names = arch_names(config)
+  for i, name in enumerate(names):
+    wd = arch_workdir(workdir, name)
+    out[name] = wd
+    if is_trained(wd):
+      logging.info("[study] %s: trained already (%s), skipped", name, wd)
+      continue
+    logging.info("[study] training %s (%d/%d): %d runs x %d epochs", name, i + 1, len(names),
+                 config.train.num_runs, config.train.num_epochs)
+    t0 = time.perf_counter()
+    train_fn(arch_config(config, name), wd, arrays=arrays)
+    add_timing(workdir, time.perf_counter() - t0, "train", name)
+    logging.info("[study] %s trained in %.0f s", name, time.perf_counter() - t0)
+  return out
+
+
+def find_workdirs(path: str) -> dict[str, str]:
+  """Training workdirs under `path`, keyed by name.
+
+  `path` may be one training workdir (with scores/), a study workdir (with runs/<arch>/), a study
+  report folder (`<study>/report`), or a folder of training workdirs.
+
+  Raises:
+    StudyError if no finished training workdir is found.
+  """
+  path = os.path.abspath(path)
+  if is_trained(path):
+    return {os.path.basename(path): path}
+  candidates = [path, os.path.join(path, "runs")]
+  if os.path.basename(path) == "report":
+    candidates.append(os.path.join(os.path.dirname(path), "runs"))
+  for c in candidates:
+    if not os.path.isdir(c):
+      continue
+    found = {d: os.path.join(c, d) for d in sorted(os.listdir(c)) if is_trained(os.path.join(c, d))}
+    if found:
+      order = _study_order(os.path.dirname(c) if c.endswith("runs") else c, list(found))
+      return {n: found[n] for n in order}
+  raise StudyError(f"no finished training workdir (with scores/{store.META}) in {path!r}, its "
+                   "runs/ folder or, for a report folder, the study's runs/")
+
+
+def _study_order(study_dir: str, names: list[str]) -> list[str]:
+  path = os.path.join(study_dir, "study_config.json")
+  try:
+    with open(path) as f:
+      order = list(json.load(f).get("arch_order") or [])
+  except (OSError, json.JSONDecodeError):
+    order = []
+  return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+def load_sets(workdirs: Mapping[str, str]) -> dict[str, store.ScoreSet]:
+  """The score sets of training workdirs, keyed by the given names, checked to be comparable."""
+  sets = {n: store.load_scores(os.path.join(wd, "scores")) for n, wd in workdirs.items()}
+  store.check_compatible(sets)
+  return sets
+
+
+# ----------------------------------------------------------------------------- stage cache
+
+
+def digest(obj: Any) -> str:
+  """A short hash of a JSON-able object: the key of a stage's inputs."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sets_key(workdirs: Mapping[str, str]) -> dict:
+  """What identifies trained score sets: each one's meta.json (rewritten on every training)."""
+  key = {}
+  for n, wd in workdirs.items():
+    with open(os.path.join(wd, "scores", store.META)) as f:
+      key[n] = digest(f.read())
+  return key
+
+
+def _stage_done(out: str, key: str) -> bool:
+  try:
+    with open(os.path.join(out, ".stage.json")) as f:
+      return json.load(f).get("key") == key
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def _mark_done(out: str, key: str, seconds: float) -> None:
+  store.atomic_write_json(os.path.join(out, ".stage.json"), {"key": key, "seconds": seconds})
+
+
+def add_timing(workdir: str, seconds: float, *keys: str) -> None:
+  """Adds `seconds` at `keys` in <workdir>/timings.json: the compute time of every piece of work
+  the study did, summed over invocations (a resumed study reports what all of it cost)."""
+  path = os.path.join(workdir, "timings.json")
+  try:
+    with open(path) as f:
+      t = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    t = {}
+  node = t
+  for k in keys[:-1]:
+    node = node.setdefault(k, {})
+  node[keys[-1]] = float(node.get(keys[-1], 0.0)) + float(seconds)
+  store.atomic_write_json(path, t)
+
+
+def read_timings(workdir: str) -> dict:
+  """<workdir>/timings.json as {stage: seconds} with per-architecture / per-condition sums."""
+  try:
+    with open(os.path.join(workdir, "timings.json")) as f:
+      t = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+  order = ["train", "analysis", "fingerprint", "pruning"]
+  keys = [k for k in order if k in t] + sorted(k for k in t if k not in order)
+  return {k: (sum(t[k].values()) if isinstance(t[k], dict) else t[k]) for k in keys} | {
+      "detail": t}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_analysis(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
+                 names: Sequence[str], primary: str, out: str, key: str,
+                 x: np.ndarray | None = None, kind: str | None = None,
+                 dropped: Mapping[str, str] | None = None) -> analysis.Analysis | None:
+  """Reliability, agreement and sensitivity (`analysis.analyze`) written to `out`; skipped when
+  `out` holds the result for the same inputs. `dropped` (score -> reason) is listed in its
+  report.md.
+
+  Returns:
+    the `Analysis` if it ran, None if it was up to date.
+  """
+  if _stage_done(out, key):
+    logging.info("[study] analysis: up to date in %s, skipped", out)
+    return None
+  a = config.analysis
+  t0 = time.perf_counter()
+  res = analysis.analyze(sets, scores=list(names), primary_score=primary, num_draws=a.num_draws,
+                         kendall_draws=a.kendall_draws, fractions=tuple(a.fractions),
+                         alpha=a.alpha, num_permutations=a.num_permutations,
+                         methods=tuple(a.methods), num_workers=a.num_workers, seed=a.seed,
+                         dropped=dropped)
+  analysis_report.write_report(res, out, x=x, kind=kind)
+  _mark_done(out, key, time.perf_counter() - t0)
+  add_timing(os.path.dirname(os.path.dirname(out)), time.perf_counter() - t0, "analysis")
+  logging.info("[study] analysis done in %.0f s", time.perf_counter() - t0)
+  return res
+
+
+def run_fingerprint(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
+                    score: str, out: str, key: str) -> fingerprint.Report | None:
+  """The fingerprint study (`fingerprint.run_report`) on one score, written to `out`; the
+  `Report`, or None when `out` was up to date."""
+  if _stage_done(out, key):
+    logging.info("[study] fingerprint: up to date in %s, skipped", out)
+    return None
+  fp = config.fingerprint
+  t0 = time.perf_counter()
+  data = fingerprint.collect_runs(sets, [score])
+  rep = fingerprint.run_report(
+      data, ks=tuple(int(k) for k in fp.ks), methods=tuple(fp.methods), test=fp.test,
+      alpha=fp.alpha, fit_fraction=fp.fit_fraction, seed=fp.seed,
+      random_repeats=fp.random_repeats, fingerprint_k=fp.fingerprint_k,
+      holdout_k=fp.holdout_k, fit_runs_k=fp.fit_runs_k, cv_folds=fp.cv_folds)
+  fingerprint_report.write_report(rep, out)
+  _mark_done(out, key, time.perf_counter() - t0)
+  add_timing(os.path.dirname(os.path.dirname(out)), time.perf_counter() - t0, "fingerprint")
+  logging.info("[study] fingerprint done in %.0f s", time.perf_counter() - t0)
+  return rep
+
+
+def run_pruning_stage(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
+                      score: str, workdir: str, arrays: Mapping[str, np.ndarray] | None = None,
+                      train_fn: Callable[..., Any] | None = None) -> pd.DataFrame:
+  """Trains the pruned ensembles (resumable, see `pruning.run_pruning`); per-seed results."""
+  pr = config.pruning
+  ss = sets[pr.arch]
+  ds = data_lib.load_dataset(config.train.data, arrays)
+  cfg = pruning.training_config(config.train, config.archs[pr.arch], num_seeds=pr.num_seeds,
+                                num_epochs=pr.num_epochs, seed=pr.seed, scores=pr.scores,
+                                label=f"{pr.arch} (pruned)")
+  if pr.single_run >= int(ss.valid_runs.sum()):
+    raise StudyError(f"config.pruning.single_run={pr.single_run} but {pr.arch} has "
+                     f"{int(ss.valid_runs.sum())} valid runs")
+  t0 = time.perf_counter()
+
+  def progress(name, i, total):
+    logging.info("[study] pruning %d/%d: %s (%.0f s so far)", i + 1, total, name,
+                 time.perf_counter() - t0)
+
+  return pruning.run_pruning(cfg, ds, ss.get(score), ss.example_ids,
+                             os.path.join(workdir, "pruning"), fractions=tuple(pr.fractions),
+                             methods=tuple(pr.methods), keep=tuple(pr.keep),
+                             single_run=pr.single_run, seed=pr.seed, train_fn=train_fn,
+                             on_condition=progress,
+                             on_trained=lambda n, sec: add_timing(workdir, sec, "pruning", n))
+
+
+def enable_compilation_cache(directory: str) -> bool:
+  """Turns on JAX's persistent compilation cache in `directory` unless one is already set.
+
+  The pruned ensembles of one fraction have identical shapes, so all but the first of them load
+  their compiled steps from the cache instead of compiling again (a tiny ensemble: ~8 s -> ~1 s
+  per training on a 2-core CPU); a resumed study reuses the first invocation's compilations. This
+  sets process-wide JAX options (`jax_compilation_cache_dir`, and caches every compilation).
+
+  Returns:
+    True if this call enabled it.
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return False
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return True
