@@ -52,7 +52,8 @@ def trained(tmp_path_factory):
       assert ensemble.split_cpu(2) == 2
       from tests.conftest import tiny_config
       from jaxdiff import train
-      c = tiny_config(num_runs=2, num_epochs={EPOCHS})
+      # member_chunk=1: one chunk per member, so the engine shards the 2 members over 2 devices
+      c = tiny_config(num_runs=2, num_epochs={EPOCHS}, member_chunk=1)
       c.scores.snapshot_epochs = (2,)
       out = train.train_and_evaluate(c, {wd!r})
       leaf = out["state"].params["head"]["kernel"]
@@ -218,3 +219,10 @@ def test_refusals_name_the_value(trained, tmp_path):
   with pytest.raises(posthoc.WorkdirError, match="trained on different data"):
     posthoc.load_ensemble(wd, arrays=other)
   assert _digests(wd) == before
+  # The arrays it was trained on restore it (no score store here to compare fingerprints with).
+  shutil.rmtree(os.path.join(wd, "scores"))
+  _, x, y = _model_and_data(trained)
+  e = posthoc.load_ensemble(wd, arrays={"x_train": x, "y_train": y})
+  assert e.data.name == "arrays"
+  np.testing.assert_allclose(e.logits(x), np.load(os.path.join(wd, "logits.npy")), rtol=0,
+                             atol=1e-5)
