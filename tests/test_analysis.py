@@ -303,6 +303,42 @@ def test_welch_keeps_tiny_p_values_and_handles_constant_examples():
   assert np.isfinite(w.log10_p[0]) and w.log10_p[0] < -300
 
 
+def _float64_constant_with_rounding(n):
+  """A float64 c whose mean over n copies (`run_moments`) is not exactly c."""
+  for c in np.random.default_rng(13).normal(size=1000):
+    if S.run_moments(np.full((n, 1), c))[2][0] > 0:
+      return c
+  raise AssertionError("no rounding constant found")
+
+
+def test_welch_golden_against_scipy_and_hand_worked_degenerate_cases():
+  # The one Welch test (analysis and fingerprint selection): scipy on normal data...
+  rng = np.random.default_rng(14)
+  a, b = rng.standard_normal((6, 300)) * 3 + 1, rng.standard_normal((9, 300))
+  ref = st.ttest_ind(a, b, equal_var=False)
+  for scale in (1.0, 1e-100, 1e100):  # t, df, p do not depend on the unit of the scores
+    w = A.welch_t_test(a * scale, b * scale)
+    np.testing.assert_allclose(w.t, ref.statistic, rtol=1e-10)
+    np.testing.assert_allclose(w.df, ref.df, rtol=1e-10)
+    np.testing.assert_allclose(w.log10_p, np.log10(ref.pvalue), rtol=1e-8)
+  # ...and by hand where scipy has no answer. Columns: both constant and equal (no evidence:
+  # t = 0, p = 1, df = n_a + n_b - 2); both constant, different (t = -inf, p = 0); a constant and
+  # b not (t = (m_a - m_b) / sqrt(v_b / n_b), df = n_b - 1); a float64 constant whose mean over 3
+  # and over 5 copies differ by rounding only (no evidence).
+  c = _float64_constant_with_rounding(3)
+  a = np.array([[2.0, 1.0, 4.0, c]] * 3)
+  b = np.array([[2.0, 3.0, 1.0, c], [2.0, 3.0, 2.0, c], [2.0, 3.0, 3.0, c], [2.0, 3.0, 4.0, c],
+                [2.0, 3.0, 5.0, c]])
+  w = A.welch_t_test(a, b)
+  np.testing.assert_array_equal(w.t[[0, 1, 3]], [0.0, -np.inf, 0.0])
+  np.testing.assert_array_equal(w.log10_p[[0, 1, 3]], [0.0, -np.inf, 0.0])
+  np.testing.assert_array_equal(w.df[[0, 1, 3]], [6.0, 6.0, 6.0])
+  # Column 2: m_a - m_b = 1, v_b / n_b = 2.5 / 5, df = 4: p = 2 P(T_4 > sqrt(2)).
+  np.testing.assert_allclose(w.t[2], 1 / math.sqrt(0.5), rtol=1e-12)
+  np.testing.assert_allclose(w.df[2], 4.0, rtol=1e-12)
+  np.testing.assert_allclose(w.p[2], 2 * st.t.sf(math.sqrt(2), 4), rtol=1e-10)
+
+
 def test_log_t_sf_tail_agrees_with_scipy_where_scipy_is_finite():
   t = np.array([300.0, 1000.0])
   for df in (3.0, 40.0):

@@ -79,6 +79,24 @@ def test_welch_min_pvalue_matches_scipy_ttest_ind():
     np.testing.assert_allclose(t[j], max(abs(r.statistic) for r in refs), rtol=1e-10)
 
 
+def test_welch_selection_is_the_analysis_welch_test_including_degenerate_examples():
+  # One Welch test: selection's min over pairs is analysis.welch_t_test's p of the best pair, also
+  # where scipy has none (constant examples) and at any scale.
+  from jaxdiff import analysis
+  x, y = _groups_data(3)
+  x[:, 0] = 2.0  # constant everywhere: no evidence, p = 1
+  x[:, 1] = y  # constant within architectures, different means: p = 0
+  x[:, 2] = 0.1 + 1e-17 * np.arange(15)  # constant but for float64 rounding: p = 1
+  x[:, 3] = x[:, 4] * 1e-100  # column 4's data in another unit: the same p
+  log_p, t = selection.welch_log_pvalues(x, y)
+  pairs = [analysis.welch_t_test(x[y == a], x[y == b])
+           for a, b in itertools.combinations(range(3), 2)]
+  np.testing.assert_allclose(log_p, np.min([w.log10_p for w in pairs], 0) * np.log(10), rtol=1e-12)
+  np.testing.assert_allclose(t, np.max([np.abs(w.t) for w in pairs], 0), rtol=1e-12)
+  assert log_p[0] == 0 and log_p[1] == -np.inf and log_p[2] == 0
+  np.testing.assert_allclose(log_p[3], log_p[4], rtol=1e-10)
+
+
 def test_sensitivity_combines_scores_by_min_p():
   x, y = _groups_data(2)
   x2 = np.stack([x, x[:, ::-1]], axis=1)  # [R, 2, N]
@@ -156,6 +174,27 @@ def test_logreg_hand_solved_case():
   w, b = classify.fit_logreg(np.array([[1.0], [-1.0]]), np.array([1, 0]), 2, l2, gtol=1e-10)
   np.testing.assert_allclose(w, [[-a, a]], atol=1e-6)
   np.testing.assert_allclose(b, [0, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_sklearn_logreg_minimises_our_objective_as_scipy_does(num_classes):
+  # fit_logreg is scikit-learn with C mapped from l2 (`classify.sklearn_c`: a sum, not a mean, of
+  # the loss; one binary vector for two classes). The reference minimises the same objective,
+  # `logreg_loss_and_grad` (checked by finite differences above), with scipy's L-BFGS.
+  from sklearn.datasets import make_classification
+  x, y = make_classification(n_samples=40, n_features=4, n_informative=3, n_redundant=0,
+                             n_classes=num_classes, n_clusters_per_class=1, random_state=0)
+  onehot = np.eye(num_classes)[y]
+  d = x.shape[1] * num_classes
+  for l2 in (0.01, 0.3, 3.0):
+    ref = optimize.minimize(classify.logreg_loss_and_grad, np.zeros(d + num_classes),
+                            args=(x, onehot, l2), jac=True, method="L-BFGS-B",
+                            options=dict(maxiter=10000, gtol=1e-12, ftol=1e-15))
+    w, b = classify.fit_logreg(x, y, num_classes, l2, gtol=1e-10)
+    np.testing.assert_allclose(w, ref.x[:d].reshape(-1, num_classes), atol=1e-5)
+    np.testing.assert_allclose(b, ref.x[d:] - ref.x[d:].mean(), atol=1e-5)
+    ours = classify.logreg_loss_and_grad(np.concatenate([w.ravel(), b]), x, onehot, l2)[0]
+    assert ours <= ref.fun + 1e-9
 
 
 def test_logreg_separable_data_and_cv():

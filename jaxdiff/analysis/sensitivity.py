@@ -63,7 +63,8 @@ class WelchResult:
     log10_p: log10 of the two-sided p-value (kept in log space: p underflows for strong effects).
     mean_diff: mean_a - mean_b.
     hedges_g: Hedges' g, the bias-corrected standardized mean difference (`hedges_g`).
-  Examples constant in both ensembles get t = 0, p = 1 if their means agree, else t = +-inf, p = 0.
+  Examples constant in both ensembles get t = 0, p = 1 if their means agree, else t = +-inf, p = 0
+  (`welch_from_moments`).
   """
   t: np.ndarray
   df: np.ndarray
@@ -107,7 +108,8 @@ def hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
   """Two-sided Welch t-test of equal means for every example at once (Welch 1947).
 
-  Matches `scipy.stats.ttest_ind(a, b, equal_var=False)` where both are defined.
+  Matches `scipy.stats.ttest_ind(a, b, equal_var=False)` where both are defined
+  (`welch_from_moments` says what happens where scipy's is not).
 
   Args:
     a: `[R_a, N]` scores of ensemble A (R_a >= 2 runs).
@@ -117,20 +119,40 @@ def welch_t_test(a: np.ndarray, b: np.ndarray) -> WelchResult:
     A `WelchResult` with `[N]` arrays.
   """
   a, b = _pair(a, b)
-  return _welch(run_moments(a), run_moments(b))
+  return welch_from_moments(run_moments(a), run_moments(b))
 
 
-def _welch(moments_a, moments_b) -> WelchResult:
+def welch_from_moments(moments_a, moments_b) -> WelchResult:
+  """The Welch t-test from each group's `(n, mean [N], unbiased variance [N])` (`run_moments`).
+
+  The one Welch test of jaxdiff (the analysis' pairwise sensitivity and the fingerprint's example
+  selection both call it). t = (m_a - m_b) / sqrt(v_a / n_a + v_b / n_b) with Welch-Satterthwaite
+  df = 1 / (w_a^2 / (n_a - 1) + w_b^2 / (n_b - 1)), w = (v / n) / (v_a / n_a + v_b / n_b) (the usual
+  formula divided through by its numerator, so it cannot overflow or underflow to 0 / 0).
+
+  Degenerate examples: with no spread in either group (both groups constant) the statistic is
+  infinite when the means differ (t = +-inf, p = 0: certain evidence) and undefined when they are
+  equal (t = 0, p = 1: no evidence); df is then reported as n_a + n_b - 2, the pooled test's (any
+  df gives the same p there). "No spread" and "equal" mean: within (n_a + n_b) eps (|m_a| + |m_b|),
+  the rounding that averaging n_a + n_b float64 values can leave (`run_moments` of a float64
+  constant is not always exactly constant), so rounding is never read as evidence while anything
+  a float32 score can resolve is tested.
+
+  Returns:
+    A `WelchResult` with `[N]` arrays.
+  """
   na, ma, va = moments_a
   nb, mb, vb = moments_b
   sa, sb = va / na, vb / nb
   se2 = sa + sb
   diff = ma - mb
-  pos = se2 > 0
-  with np.errstate(divide="ignore", invalid="ignore"):
-    t = np.where(pos, diff / np.sqrt(np.where(pos, se2, 1.0)),
-                 np.where(diff == 0, 0.0, np.sign(diff) * np.inf))
-    df = np.where(pos, se2**2 / (sa**2 / (na - 1) + sb**2 / (nb - 1)), float(na + nb - 2))
+  resolution = (na + nb) * np.finfo(np.float64).eps * (np.abs(ma) + np.abs(mb))
+  spread = se2 > resolution**2
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    t = np.where(spread, diff / np.sqrt(np.where(spread, se2, 1.0)),
+                 np.where(np.abs(diff) <= resolution, 0.0, np.sign(diff) * np.inf))
+    wa, wb = sa / se2, sb / se2
+    df = np.where(spread, 1.0 / (wa**2 / (na - 1) + wb**2 / (nb - 1)), float(na + nb - 2))
   log10_p = np.minimum((math.log(2.0) + log_t_sf(np.abs(t), df)) / LN10, 0.0)
   return WelchResult(t=t, df=df, log10_p=log10_p, mean_diff=diff,
                      hedges_g=_effect(na, ma, va, nb, mb, vb, corrected=True))
@@ -334,7 +356,7 @@ def pairwise_sensitivity(scores_by_arch: Mapping[str, np.ndarray], *, alpha: flo
   if len(set(sizes.values())) != 1:
     raise ValueError(f"architectures cover different numbers of examples: {sizes}")
   moments = {a: run_moments(s) for a, s in checked.items()}  # once per arch, shared by its pairs
-  res = [_welch(moments[x], moments[y]) for x, y in pairs]
+  res = [welch_from_moments(moments[x], moments[y]) for x, y in pairs]
   perm = None
   if num_permutations:
     perm = np.stack([permutation_test(checked[x], checked[y], num_permutations, seed=seed + i)

@@ -1,20 +1,46 @@
 """Classifiers of runs from their fingerprint features: L2 logistic regression, k-means, distances.
 
-Multinomial L2 logistic regression (scipy L-BFGS, analytic gradient) with cross-validated strength;
-k-means with clusters matched to architectures by the Hungarian algorithm; the "none of these" rule.
+Multinomial L2 logistic regression (scikit-learn's `LogisticRegression`, L-BFGS) with its strength
+chosen over stratified folds (`StratifiedKFold`); k-means (`KMeans`) with clusters matched to
+architectures by the Hungarian algorithm; the "none of these" rule.
 
 Shapes: `R` runs, `D` features (selected examples x scores), `C` architectures (classes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
+import sklearn
+import threadpoolctl  # a dependency of scikit-learn
 from scipy import optimize, special
+from sklearn import cluster, linear_model, model_selection
 
 DEFAULT_L2_GRID = tuple(float(v) for v in np.logspace(-3, 2, 6))
 CLASSIFIERS = ("logreg", "kmeans")
+
+
+_THREADPOOLS = None
+
+
+@contextlib.contextmanager
+def _sklearn_settings():
+  """One OpenMP thread, and no re-validation of the inputs checked here (thousands of tiny fits).
+
+  The problems are tiny (tens of runs): scikit-learn's OpenMP threads cost more than they save, and
+  on a loaded 2-core machine they stalled (k-means of 24 runs x 10 features: 508 ms with OpenMP
+  threads vs 3.5 ms on one; the hand-written k-means took 4.2 ms). The controller is made once:
+  `threadpool_limits` inspects the loaded libraries at every call (~15 ms).
+  """
+  global _THREADPOOLS
+  if _THREADPOOLS is None:  # threadpoolctl < 3 (allowed by scikit-learn 1.3) has no controller
+    _THREADPOOLS = getattr(threadpoolctl, "ThreadpoolController", lambda: threadpoolctl)()
+  limit = getattr(_THREADPOOLS, "limit", None) or _THREADPOOLS.threadpool_limits
+  with limit(limits=1, user_api="openmp"), sklearn.config_context(
+      assume_finite=True, skip_parameter_validation=True):
+    yield
 
 
 def zscore_stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -26,7 +52,7 @@ def zscore_stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def logreg_loss_and_grad(params: np.ndarray, x: np.ndarray, onehot: np.ndarray,
                          l2: float) -> tuple[float, np.ndarray]:
-  """Softmax cross-entropy with an L2 penalty on the weights, and its analytic gradient.
+  """The objective `fit_logreg` minimises, and its analytic gradient (the reference of its tests).
 
   L(W, b) = -(1/R) sum_r sum_c Y_rc log softmax(x_r W + b)_c + (l2 / 2) ||W||_F^2 (multinomial
   logistic regression; the bias is not penalised). dL/dZ = (P - Y) / R with Z = X W + b, so
@@ -52,36 +78,69 @@ def logreg_loss_and_grad(params: np.ndarray, x: np.ndarray, onehot: np.ndarray,
   return float(loss), grad
 
 
-def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
-               init: tuple[np.ndarray, np.ndarray] | None = None, max_iter: int = 500,
-               gtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-  """Fits multinomial L2 logistic regression (`logreg_loss_and_grad`) by L-BFGS.
+def sklearn_c(l2: float, num_runs: int, num_classes: int) -> float:
+  """scikit-learn's `C` for which `LogisticRegression` minimises `logreg_loss_and_grad`.
 
-  The objective is strictly convex in W for l2 > 0, so the start (zero, or `init` to warm-start
-  along a regularisation path) changes only the iteration count.
+  scikit-learn minimises C sum_r CE_r + ||W||^2 / 2 (a sum over runs, not a mean); dividing ours
+  by l2 gives C = 1 / (R l2). With two classes scikit-learn fits one vector v (binary logistic
+  regression) where ours has two columns; ours is smallest at W = [-v/2, v/2], whose penalty
+  (l2 / 2) ||W||^2 = (l2 / 4) ||v||^2, so there C = 2 / (R l2). l2 = 0 is C = inf (no penalty).
+  """
+  if l2 < 0:
+    raise ValueError(f"l2 must be >= 0; got {l2}")
+  if l2 == 0:
+    return np.inf
+  return (2.0 if num_classes == 2 else 1.0) / (num_runs * float(l2))
+
+
+def _logreg(max_iter: int, gtol: float) -> linear_model.LogisticRegression:
+  # tol is L-BFGS's gtol on the mean-scaled objective, the scale of `logreg_loss_and_grad`.
+  # warm_start: a refit with a new C starts from the last solution (a regularisation path).
+  return linear_model.LogisticRegression(solver="lbfgs", max_iter=max_iter, tol=gtol,
+                                         warm_start=True)
+
+
+def _fit(est: linear_model.LogisticRegression, x: np.ndarray, y: np.ndarray, num_classes: int,
+         l2: float) -> tuple[np.ndarray, np.ndarray]:
+  """Fits `est` with the C of `l2`; returns `(W [D, C], b [C])` in `logreg_loss_and_grad`'s form."""
+  r, d = x.shape
+  counts = np.bincount(y, minlength=num_classes)
+  if counts.shape[0] != num_classes or counts.min() < 1:
+    raise ValueError(f"logistic regression needs runs of every one of {num_classes} classes; "
+                     f"got counts {counts.tolist()}")
+  if d == 0:  # scikit-learn refuses 0 features; the optimum is the class frequencies
+    b = np.log(counts / r)
+    return np.zeros((0, num_classes)), b - b.mean()
+  est.set_params(C=sklearn_c(l2, r, num_classes))
+  est.fit(x, y)
+  if num_classes == 2:
+    v, c = est.coef_[0], est.intercept_[0]
+    return np.stack([-v / 2, v / 2], axis=1), np.array([-c / 2, c / 2])
+  # The biases are defined up to a shared constant; ours sum to zero (as the gradient keeps them).
+  return est.coef_.T.copy(), est.intercept_ - est.intercept_.mean()
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
+               max_iter: int = 500, gtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+  """Fits multinomial L2 logistic regression (minimises `logreg_loss_and_grad`) with scikit-learn.
+
+  The objective is strictly convex in W for l2 > 0: the solution does not depend on the solver.
 
   Args:
     x: `[R, D]` features (z-scored: the penalty assumes comparable scales).
-    y: `[R]` int labels in [0, num_classes).
+    y: `[R]` int labels in [0, num_classes), every class present.
     num_classes: C.
-    l2: penalty strength.
-    init: optional starting `(W [D, C], b [C])`.
+    l2: penalty strength (`sklearn_c` maps it to scikit-learn's C).
+    max_iter, gtol: L-BFGS iterations and gradient tolerance.
 
   Returns:
-    `(W [D, C], b [C])`.
+    `(W [D, C], b [C])`, b summing to zero.
   """
-  x = np.asarray(x, np.float64)
   if l2 < 0:
     raise ValueError(f"l2 must be >= 0; got {l2}")
-  r, d = x.shape
-  onehot = np.eye(num_classes)[np.asarray(y)]
-  x0 = (np.zeros(d * num_classes + num_classes) if init is None
-        else np.concatenate([np.ravel(init[0]), np.ravel(init[1])]))
-  res = optimize.minimize(logreg_loss_and_grad, x0,
-                          args=(x, onehot, float(l2)), jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "gtol": gtol, "ftol": 1e-12})
-  p = res.x
-  return p[:d * num_classes].reshape(d, num_classes), p[d * num_classes:]
+  x = np.asarray(x, np.float64)
+  with _sklearn_settings():
+    return _fit(_logreg(max_iter, gtol), x, np.asarray(y), num_classes, l2)
 
 
 def logreg_log_proba(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,18 +150,14 @@ def logreg_log_proba(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def stratified_folds(y: np.ndarray, n_folds: int,
                      seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Seeded stratified k-fold split: each class's runs dealt round-robin over the folds.
+  """Seeded stratified k-fold split (scikit-learn's `StratifiedKFold`, shuffled).
 
   Returns:
     `n_folds` pairs `(train_idx, val_idx)` partitioning `arange(R)`.
   """
   y = np.asarray(y)
-  rng = np.random.default_rng(seed)
-  fold = np.empty(len(y), np.int64)
-  for c in np.unique(y):
-    idx = rng.permutation(np.flatnonzero(y == c))
-    fold[idx] = (rng.integers(n_folds) + np.arange(len(idx))) % n_folds
-  return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_folds)]
+  splitter = model_selection.StratifiedKFold(int(n_folds), shuffle=True, random_state=seed)
+  return list(splitter.split(np.zeros((len(y), 1)), y))
 
 
 def cv_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, *, l2_grid=DEFAULT_L2_GRID,
@@ -113,7 +168,8 @@ def cv_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, *, l2_grid=DEFAULT
   validation possible and the middle of the grid is returned. Ties go to the stronger penalty.
   The features are given already z-scored with statistics of all the runs passed in (these are
   the fit runs; the test runs never reach here), which makes the CV losses slightly optimistic but
-  only their order is used.
+  only their order is used. (Not `LogisticRegressionCV`: it keeps C fixed across folds of
+  different sizes, where the strength fixed here is l2, the penalty per run.)
 
   Args:
     x: `[R, D]` features; y: `[R]` labels; num_classes: C.
@@ -124,16 +180,19 @@ def cv_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, *, l2_grid=DEFAULT
   grid = np.asarray(l2_grid, np.float64)
   if grid.ndim != 1 or grid.size == 0 or np.any(grid < 0):
     raise ValueError(f"l2_grid must be a non-empty list of values >= 0; got {l2_grid}")
-  counts = np.bincount(np.asarray(y), minlength=num_classes)
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y)
+  counts = np.bincount(y, minlength=num_classes)
   folds = min(int(n_folds), int(counts[counts > 0].min()))
   if folds < 2 or grid.size == 1:
     return float(grid[len(grid) // 2]), np.full(grid.size, np.nan)
   losses = np.zeros(grid.size)
-  for tr, va in stratified_folds(y, folds, seed):
-    params = None
-    for i in np.argsort(-grid, kind="stable"):  # strong to weak penalty, warm-started
-      params = fit_logreg(x[tr], y[tr], num_classes, grid[i], init=params)
-      losses[i] -= logreg_log_proba(x[va], *params)[np.arange(len(va)), y[va]].sum()
+  with _sklearn_settings():
+    for tr, va in stratified_folds(y, folds, seed):
+      est = _logreg(500, 1e-6)
+      for i in np.argsort(-grid, kind="stable"):  # strong to weak penalty, warm-started
+        params = _fit(est, x[tr], y[tr], num_classes, grid[i])
+        losses[i] -= logreg_log_proba(x[va], *params)[np.arange(len(va)), y[va]].sum()
   losses /= len(y)
   best = np.flatnonzero(losses <= losses.min() * (1 + 1e-9) + 1e-12).max()
   return float(grid[best]), losses
@@ -148,6 +207,8 @@ def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, restarts: int = 10,
            max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
   """Lloyd's k-means with k-means++ seeding, best (lowest inertia) of `restarts` seeded starts.
 
+  scikit-learn's `KMeans` (tol 0: iterates until the assignment stops changing, or `max_iter`).
+
   Args:
     x: `[R, D]` features, R >= n_clusters.
 
@@ -158,29 +219,10 @@ def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, restarts: int = 10,
   r = x.shape[0]
   if n_clusters < 1 or r < n_clusters:
     raise ValueError(f"k-means needs 1 <= n_clusters <= runs; got {n_clusters} clusters, {r} runs")
-  rng = np.random.default_rng(seed)
-  best = (np.inf, None, None)
-  for _ in range(restarts):
-    centers = [x[rng.integers(r)]]
-    for _ in range(1, n_clusters):  # k-means++: next center with probability ~ squared distance
-      d2 = _sq_dist(x, np.stack(centers)).min(1)
-      p = d2 / d2.sum() if d2.sum() > 0 else np.full(r, 1.0 / r)
-      centers.append(x[rng.choice(r, p=p)])
-    centers = np.stack(centers)
-    for _ in range(max_iter):
-      assign = _sq_dist(x, centers).argmin(1)
-      onehot = np.eye(n_clusters)[assign]  # [R, K]
-      sizes = onehot.sum(0)
-      new = np.where(sizes[:, None] > 0, onehot.T @ x / np.maximum(sizes, 1)[:, None], centers)
-      if np.allclose(new, centers, rtol=0, atol=1e-12):
-        break
-      centers = new
-    dist = _sq_dist(x, centers)
-    assign = dist.argmin(1)
-    inertia = dist[np.arange(r), assign].sum()
-    if inertia < best[0]:
-      best = (inertia, centers, assign)
-  return best[1], best[2]
+  with _sklearn_settings():
+    km = cluster.KMeans(n_clusters, init="k-means++", n_init=int(restarts), max_iter=max_iter,
+                        tol=0.0, random_state=seed, algorithm="lloyd").fit(x)
+  return km.cluster_centers_, km.labels_.astype(np.int64)
 
 
 def hungarian_match(clusters: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:

@@ -18,6 +18,8 @@ import itertools
 import numpy as np
 from scipy import stats
 
+from jaxdiff.analysis.reliability import run_moments
+from jaxdiff.analysis.sensitivity import LN10, welch_from_moments
 from jaxdiff.fingerprint import classify
 
 TESTS = ("anova", "welch")
@@ -73,41 +75,31 @@ def anova_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
 def welch_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Minimum over architecture pairs of the two-sided Welch t-test p-value, per example.
 
-  t = (m_a - m_b) / sqrt(v_a / n_a + v_b / n_b) with unbiased variances, Welch-Satterthwaite
-  degrees of freedom (the `scipy.stats.ttest_ind(equal_var=False)` statistic, vectorised over
-  examples). For C = 2 it is the Welch test; for C > 2 the minimum over the C(C-1)/2 pairs picks
-  examples that separate *any* two architectures (the ANOVA F-test favours examples that spread
-  all of them). The minimum is not itself a calibrated p-value (it is anti-conservative by up to
-  the number of pairs); Bonferroni selection multiplies by the pair count too.
+  Each pair is `analysis.sensitivity.welch_from_moments` (the one Welch test of jaxdiff: the
+  `scipy.stats.ttest_ind(equal_var=False)` statistic, vectorised over examples, with its rule for
+  examples constant in both architectures). For C = 2 it is the Welch test; for C > 2 the minimum
+  over the C(C-1)/2 pairs picks examples that separate *any* two architectures (the ANOVA F-test
+  favours examples that spread all of them). The minimum is not itself a calibrated p-value (it is
+  anti-conservative by up to the number of pairs); Bonferroni selection multiplies by the pair
+  count too.
 
   Args:
     x: `[R, N]` scores.
     y: `[R]` int architecture labels 0..C-1, each with >= 2 runs.
 
   Returns:
-    `(log_p [N], max |t| [N])`.
+    `(log_p [N], max |t| [N])`, log_p the natural log (finite far below float64's smallest p).
   """
   x = np.asarray(x, np.float64)
-  counts, c = _check_labels(y, 2)
+  _, c = _check_labels(y, 2)
   y = np.asarray(y)
-  means = np.stack([x[y == a].mean(0) for a in range(c)])  # [C, N] (loop over architectures)
-  variances = np.stack([x[y == a].var(0, ddof=1) for a in range(c)])
-  log_p = np.full(x.shape[1], np.inf)
+  moments = [run_moments(x[y == a]) for a in range(c)]  # (loop over architectures)
+  log_p = np.zeros(x.shape[1])
   t_max = np.zeros(x.shape[1])
   for a, b in itertools.combinations(range(c), 2):
-    va, vb = variances[a] / counts[a], variances[b] / counts[b]
-    se2 = va + vb
-    diff = means[a] - means[b]
-    with np.errstate(divide="ignore", invalid="ignore"):
-      t = np.abs(diff) / np.sqrt(se2)
-      df = se2 ** 2 / (va ** 2 / (counts[a] - 1) + vb ** 2 / (counts[b] - 1))
-    tiny = 1e-12 * np.maximum(means[a] ** 2 + means[b] ** 2, 1e-300)
-    flat = se2 <= tiny
-    t = np.where(flat, np.where(diff ** 2 <= tiny, 0.0, np.inf), t)
-    df = np.where(flat | ~np.isfinite(df), 1.0, df)
-    lp = np.log(2.0) + stats.t.logsf(t, df)
-    log_p = np.minimum(log_p, np.minimum(lp, 0.0))
-    t_max = np.maximum(t_max, t)
+    res = welch_from_moments(moments[a], moments[b])
+    log_p = np.minimum(log_p, res.log10_p * LN10)
+    t_max = np.maximum(t_max, np.abs(res.t))
   return log_p, t_max
 
 
