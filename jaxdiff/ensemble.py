@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
 from jaxdiff import models
 
@@ -54,17 +55,17 @@ class MemberState:
 
 def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int, num_epochs: int
                    ) -> optax.GradientTransformation:
-  """Optax optimiser from the `optim` config section.
+  """Optax optimiser from the `optim` config section (missing fields: `config.OPTIM`).
 
   Fields: `name` (sgd|adam|adamw), `lr`, `momentum` (sgd), `nesterov`, `weight_decay` (added to the
   gradient as in PyTorch's SGD; decoupled for adamw), `schedule` (constant|step|cosine),
   `milestones` (fractions of training for "step", default (0.5, 0.75)), `decay_factor` (0.1),
   `warmup_epochs`.
   """
-  name = config.get("name", "sgd")
+  name = config.get("name", config_lib.OPTIM["name"])
   if name not in OPTIMIZERS:
     raise ValueError(f"unknown optimiser {name!r}; valid: {', '.join(OPTIMIZERS)}")
-  lr = float(config.get("lr", 0.1))
+  lr = float(config.get("lr", config_lib.OPTIM["lr"]))
   if not lr > 0:
     raise ValueError(f"optim.lr={lr}: must be positive")
   total = max(1, steps_per_epoch * num_epochs)
@@ -195,6 +196,17 @@ class Engine:
         self.mesh = None
       else:
         self.resolved_member_strategy = "vmap"  # sharding needs one program over the runs axis
+    g = self.resolved_member_chunk
+    if self.mesh is not None and self.resolved_member_strategy == "vmap" and g:
+      # No more devices than chunks: a device with fewer members than a chunk computes a whole
+      # padded chunk (4 members over 2 devices would compute 16 member-epochs, on one 8).
+      num_runs = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
+      d = max(k for k in range(1, min(self.mesh.size, -(-num_runs // g)) + 1)
+              if num_runs % k == 0)
+      if d < self.mesh.size:
+        logging.info("%d members in chunks of %d: %d device(s) of %d", num_runs, g, d,
+                     self.mesh.size)
+        self.mesh = Mesh(np.array(list(self.mesh.devices.flat)[:d]), ("runs",)) if d > 1 else None
 
   def shard(self, tree):
     """Places the leading runs axis of every leaf on the mesh (no-op without a mesh)."""
@@ -337,9 +349,9 @@ class Engine:
     chunk = self.chunk_size(idx.shape[0])
     take, join = self._get("take_chunk", _take_chunk_fn), self._get("join", _join_fn)
     step0 = jnp.int32(step0)
-    blocks = _local_blocks((state, idx, aug_keys), self.member_blocks(idx.shape[0]))
-    new_blocks = []
-    for device, (st_b, idx_b, keys_b) in blocks:
+
+    def block(item):
+      device, (st_b, idx_b, keys_b) = item
       x_d, y_d = self._on_device(x_all, device), self._on_device(y_all, device)
       n = idx_b.shape[0]
       outs = []
@@ -353,7 +365,12 @@ class Engine:
             st_c, o = fn(st_c, x_d, y_d, idx_c[:, s], keys_c, step0 + s)
             seen.append(o)
           outs.append((st_c, jax.tree_util.tree_map(lambda *a: jnp.stack(a, 1), *seen)))
-      new_blocks.append(join(tuple(outs), n))
+      return join(tuple(outs), n)
+
+    # One thread per device: XLA:CPU runs a program on the thread that dispatches it, so the
+    # devices' blocks only overlap when dispatched from threads of their own.
+    blocks = _local_blocks((state, idx, aug_keys), self.member_blocks(idx.shape[0]))
+    new_blocks = _per_device(block, blocks)
     return _assemble(new_blocks, self.mesh, idx.shape[0])
 
   def map_members(self, fn: Callable[[Any], Any], tree: Any) -> Any:
@@ -382,9 +399,7 @@ class Engine:
         outs.append(jax.tree_util.tree_map(lambda a, k=min(chunk, n - first): a[:k], res))
       return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
 
-    blocks = _local_blocks(tree, self.member_blocks(num_runs))
-    with concurrent.futures.ThreadPoolExecutor(len(blocks)) as pool:
-      results = list(pool.map(block, blocks))
+    results = _per_device(block, _local_blocks(tree, self.member_blocks(num_runs)))
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *results)
 
   def _on_device(self, array, device):
@@ -533,6 +548,14 @@ def _local_blocks(tree, blocks):
       return jax.device_put(a[first:stop], device)  # not laid out on the mesh (yet)
     out.append((device, jax.tree_util.tree_map(piece, tree)))
   return out
+
+
+def _per_device(fn, blocks):
+  """`[fn(block) for block in blocks]`, each device's block in a thread of its own."""
+  if len(blocks) == 1:
+    return [fn(blocks[0])]
+  with concurrent.futures.ThreadPoolExecutor(len(blocks)) as pool:
+    return list(pool.map(fn, blocks))
 
 
 def _assemble(blocks, mesh, num_runs):

@@ -16,22 +16,12 @@ from absl import logging
 import jax
 import numpy as np
 
+from jaxdiff import config as config_lib
 from jaxdiff import scores as S
 from jaxdiff import store
 
-# Default recording options (the `scores` config section).
-DEFAULTS = {
-    "chunk_size": 0,           # examples per jitted scoring call (0 = auto, point.auto_chunk_size)
-    "grand": True,             # GraNd at the end of training (and at snapshot_epochs)
-    "grand_method": "ghost",   # exact per-example norms; "vmap" is the reference
-    "minibatch": True,         # forgetting / learning time over the members' own minibatches
-    "vog": "auto",             # VoG input-gradient variance: True | False | "auto" (if < 2 GB)
-    "representation": True,    # prediction depth (k-NN probes) and prototypes at the end
-    "knn_k": 30,
-    "num_prototypes": 0,       # k-means clusters for proto_selfsup (0 = number of classes)
-    "snapshot_epochs": (),     # extra el2n/grand/loss snapshots "<name>_e<epoch>" (Paul et al.)
-    "save_history": False,     # per-epoch logits in <workdir>/history/epoch_XXXX.npz
-}
+# Default recording options (the `scores` config section), from the one defaults table.
+DEFAULTS = dict(config_lib.SCORES)
 
 
 # Options whose scores are recorded epoch by epoch during training (fixed once trained).

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Mapping
@@ -28,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdiff import checksums
+from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
 from jaxdiff import ensemble as ens
 from jaxdiff import models
@@ -36,9 +38,10 @@ from jaxdiff import scores as scores_lib
 from jaxdiff import store
 
 # Config fields that may change between a run and its resumption without changing its numbers.
+# member_chunk, member_strategy and epoch_loop change the programs members run through, so
+# their rounding: a resumed run would drift from one never stopped.
 RESUME_SAFE_FIELDS = frozenset({"checkpoint_every", "progress", "num_devices", "cpu_devices",
-                                "member_strategy", "member_chunk",
-                                "epoch_loop", "eval_chunk_size", "scores.chunk_size"})
+                                "eval_chunk_size", "scores.chunk_size"})
 
 
 class _QuietOrbax:
@@ -76,6 +79,9 @@ def flatten_config(d: Mapping[str, Any], prefix="") -> dict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks sizes and names before any work; errors name the value and the valid range."""
+  unknown = config_lib.unknown_fields(config)
+  if unknown:
+    raise ConfigError("; ".join(unknown))
   for field in ("num_runs", "batch_size", "num_epochs"):
     v = config.get(field)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -466,7 +472,11 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
           "subset_fractions": run.fractions.tolist()}
   meta["orientation"] = ("higher is harder: scores whose natural value is higher-is-easier are "
                          "stored negated (listed in 'negated')")
-  meta["negated"] = sorted(set(final) & scores_lib.NEGATED)
+  # Scores at other epochs (`loss_e10`, experiments/score.py) keep their score's orientation.
+  meta["negated"] = sorted(k for k in final if re.sub(r"_e\d+$", "", k) in scores_lib.NEGATED)
+  if _scores_complete(workdir):  # kept: what experiments/score.py recorded of its scores
+    old_meta = store.load_scores(os.path.join(workdir, "scores")).meta
+    meta.update({k: old_meta[k] for k in ("posthoc", "definitions") if k in old_meta})
   store.save_scores(os.path.join(workdir, "scores"), dict(final), example_ids=ds.example_ids,
                     labels=ds.y_train, meta=meta)
   store.atomic_save_npy(os.path.join(workdir, "subset_mask.npy"),
@@ -480,6 +490,8 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
                              _npz_bytes(ensemble_scores))
   if ds.noise_mask.any():
     store.atomic_save_npy(os.path.join(workdir, "noise_mask.npy"), ds.noise_mask)
+  if getattr(ds, "source_ids", None) is not None:  # ids in the source dataset (tfds, digits)
+    store.atomic_save_npy(os.path.join(workdir, "source_ids.npy"), np.asarray(ds.source_ids))
 
 
 def _summary(run: Run, state, log) -> dict:

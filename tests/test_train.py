@@ -278,3 +278,34 @@ def test_changed_scores_section_on_finished_workdir_computes_only_those(tmp_path
     train.train_and_evaluate(tiny_config("mlp", num_epochs=2, **{"scores.knn_k": 10,
                                                                  "scores.minibatch": False}),
                              str(tmp_path / "w"))
+
+
+def test_unknown_fields_from_python_are_refused_like_the_command_line(tmp_path):
+  """`config.num_run = 4` on an unlocked config (a notebook) is refused with the close match and
+  the valid names, as `--config.num_run=4` is; nothing is written."""
+  c = tiny_config("mlp")
+  c.num_run = 4
+  with pytest.raises(train.ConfigError, match=r"unknown config option\(s\) \['num_run'\] \(did you "
+                                              r"mean 'num_runs'\?\); valid: \["):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  c = tiny_config("mlp")
+  c.optim.momentun = 0.5
+  with pytest.raises(train.ConfigError, match=r"unknown optim option\(s\) \['momentun'\] \(did you "
+                                              r"mean 'momentum'\?\)"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_one_defaults_table():
+  """The optimiser's and the recorder's defaults are the default config's (they disagreed: SGD
+  lr 0.1 in make_optimizer against Adam 1e-2 in the config)."""
+  from experiments.configs import default
+  from jaxdiff import config as config_lib, ensemble, recording
+  c = default.get_config()
+  assert dict(c.scores) == recording.DEFAULTS
+  assert c.optim.name == config_lib.OPTIM["name"] == "adam" and c.optim.lr == 1e-2
+  # make_optimizer({}) is the config's optimiser: Adam's first step moves by lr * sign(grad).
+  import jax.numpy as jnp
+  tx = ensemble.make_optimizer({}, 10, 1)
+  upd, _ = tx.update({"w": jnp.array([3.0, -0.5])}, tx.init({"w": jnp.zeros(2)}))
+  np.testing.assert_allclose(upd["w"], [-1e-2, 1e-2], rtol=1e-4)
