@@ -339,6 +339,23 @@ def test_welch_golden_against_scipy_and_hand_worked_degenerate_cases():
   np.testing.assert_allclose(w.p[2], 2 * st.t.sf(math.sqrt(2), 4), rtol=1e-10)
 
 
+def test_anova_degenerate_rule_is_the_welch_rule():
+  # Spread a float32 score can resolve (relative 1e-8) is tested as scipy tests it; spread of
+  # float64 rounding only is none: F = 0 (equal means, p = 1) or F = inf (different means, p = 0).
+  rng = np.random.default_rng(15)
+  y = np.repeat(np.arange(3), [4, 5, 6])
+  x = 1.0 + 1e-8 * (rng.standard_normal((15, 3)) + y[:, None])
+  c = _float64_constant_with_rounding(5)
+  x[:, 1] = c  # rounding-only spread, equal means
+  x[:, 2] = np.where(y == 0, c, 2 * c)  # rounding-only spread, different means
+  log_p, f = S.anova_log_pvalues(x, y)
+  ref = st.f_oneway(*[x[y == k, 0] for k in range(3)])
+  np.testing.assert_allclose(f[0], ref.statistic, rtol=1e-6)
+  np.testing.assert_allclose(np.exp(log_p[0]), ref.pvalue, rtol=1e-5)
+  np.testing.assert_array_equal(f[1:], [0.0, np.inf])
+  np.testing.assert_array_equal(log_p[1:], [0.0, -np.inf])
+
+
 def test_log_t_sf_tail_agrees_with_scipy_where_scipy_is_finite():
   t = np.array([300.0, 1000.0])
   for df in (3.0, 40.0):

@@ -158,6 +158,54 @@ def welch_from_moments(moments_a, moments_b) -> WelchResult:
                      hedges_g=_effect(na, ma, va, nb, mb, vb, corrected=True))
 
 
+def check_labels(y: np.ndarray, min_per_class: int) -> tuple[np.ndarray, int]:
+  """Run counts `[C]` and C of int group labels `[R]` 0..C-1, C >= 2, each >= min_per_class runs."""
+  y = np.asarray(y)
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"labels must be a 1-D int array [R]; got dtype {y.dtype} shape {y.shape}")
+  num_classes = int(y.max()) + 1 if y.size else 0
+  counts = np.bincount(y, minlength=num_classes)
+  if num_classes < 2 or counts.min() < min_per_class:
+    raise ValueError(f"need >= 2 architectures labelled 0..C-1 with >= {min_per_class} runs each; "
+                     f"got runs per label {counts.tolist()}")
+  return counts, num_classes
+
+
+def anova_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One-way ANOVA F-test per example: do the architectures' mean scores differ?
+
+  F = [SSB / (C - 1)] / [SSW / (R - C)] with SSB = sum_c n_c (mean_c - mean)^2 and
+  SSW = sum_c sum_{r in c} (x_r - mean_c)^2; p = P(F_{C-1, R-C} > F) (Fisher's one-way ANOVA,
+  the `scipy.stats.f_oneway` statistic, vectorised over examples). With C = 2 it is the pooled
+  two-sample t-test (F = t^2). Degenerate examples follow `welch_from_moments`: no
+  within-architecture spread gives F = inf (p = 0) if the means differ, else F = 0 (p = 1), where
+  "no" and "equal" mean SSW, SSB <= (R eps)^2 sum_r x_r^2, the float64 rounding of averaging R
+  values.
+
+  Args:
+    x: `[R, N]` scores.
+    y: `[R]` int architecture labels 0..C-1 (each with >= 1 run, R > C).
+
+  Returns:
+    `(log_p [N], F [N])`: natural log of the p-value and the statistic.
+  """
+  x = np.asarray(x, np.float64)
+  counts, c = check_labels(y, 1)
+  r = x.shape[0]
+  if r <= c:
+    raise ValueError(f"ANOVA needs more runs than architectures; got {r} runs, {c} architectures")
+  onehot = (np.asarray(y)[:, None] == np.arange(c)[None]).astype(np.float64)  # [R, C]
+  means = (onehot.T @ x) / counts[:, None]  # [C, N]
+  grand = x.mean(0)
+  ssb = (counts[:, None] * (means - grand) ** 2).sum(0)
+  ssw = ((x - means[y]) ** 2).sum(0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    f = (ssb / (c - 1)) / (ssw / (r - c))
+  rounding = (r * np.finfo(np.float64).eps) ** 2 * (x ** 2).sum(0)
+  f = np.where(ssw <= rounding, np.where(ssb <= rounding, 0.0, np.inf), f)
+  return scipy.stats.f.logsf(f, c - 1, r - c), f
+
+
 def permutation_groups(num_runs: int, size_a: int, num_permutations: int,
                        seed: int = 0) -> np.ndarray:
   """Group-A indicators `[P + 1, num_runs]` float32: row 0 the observed split (first size_a runs),

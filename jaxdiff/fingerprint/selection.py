@@ -16,60 +16,13 @@ import dataclasses
 import itertools
 
 import numpy as np
-from scipy import stats
 
 from jaxdiff.analysis.reliability import run_moments
-from jaxdiff.analysis.sensitivity import LN10, welch_from_moments
+from jaxdiff.analysis.sensitivity import LN10, anova_log_pvalues, check_labels, welch_from_moments
 from jaxdiff.fingerprint import classify
 
 TESTS = ("anova", "welch")
 SELECTION_METHODS = ("pvalue", "bonferroni", "logreg", "random")
-
-
-def _check_labels(y: np.ndarray, min_per_class: int) -> tuple[np.ndarray, int]:
-  y = np.asarray(y)
-  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"labels must be a 1-D int array [R]; got dtype {y.dtype} shape {y.shape}")
-  num_classes = int(y.max()) + 1 if y.size else 0
-  counts = np.bincount(y, minlength=num_classes)
-  if num_classes < 2 or counts.min() < min_per_class:
-    raise ValueError(f"need >= 2 architectures labelled 0..C-1 with >= {min_per_class} runs each; "
-                     f"got runs per label {counts.tolist()}")
-  return counts, num_classes
-
-
-def anova_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """One-way ANOVA F-test per example: do the architectures' mean scores differ?
-
-  F = [SSB / (C - 1)] / [SSW / (R - C)] with SSB = sum_c n_c (mean_c - mean)^2 and
-  SSW = sum_c sum_{r in c} (x_r - mean_c)^2; p = P(F_{C-1, R-C} > F) (Fisher's one-way ANOVA,
-  the `scipy.stats.f_oneway` statistic, vectorised over examples). With C = 2 it is the pooled
-  two-sample t-test (F = t^2). An example with no within-architecture spread gets F = inf (p = 0)
-  if the means differ, else F = 0 (p = 1).
-
-  Args:
-    x: `[R, N]` scores.
-    y: `[R]` int architecture labels 0..C-1 (each with >= 1 run, R > C).
-
-  Returns:
-    `(log_p [N], F [N])`: natural log of the p-value (no underflow for huge F) and the statistic.
-  """
-  x = np.asarray(x, np.float64)
-  counts, c = _check_labels(y, 1)
-  r = x.shape[0]
-  if r <= c:
-    raise ValueError(f"ANOVA needs more runs than architectures; got {r} runs, {c} architectures")
-  onehot = (np.asarray(y)[:, None] == np.arange(c)[None]).astype(np.float64)  # [R, C]
-  means = (onehot.T @ x) / counts[:, None]  # [C, N]
-  grand = x.mean(0)
-  ssb = (counts[:, None] * (means - grand) ** 2).sum(0)
-  ssw = ((x - means[y]) ** 2).sum(0)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    f = (ssb / (c - 1)) / (ssw / (r - c))
-  # Relative tolerance: a float-rounding SSB on constant scores must not read as infinite F.
-  tiny = 1e-12 * np.maximum((x ** 2).sum(0), 1e-300)
-  f = np.where(ssw <= tiny, np.where(ssb <= tiny, 0.0, np.inf), f)
-  return stats.f.logsf(f, c - 1, r - c), f
 
 
 def welch_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +44,7 @@ def welch_log_pvalues(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     `(log_p [N], max |t| [N])`, log_p the natural log (finite far below float64's smallest p).
   """
   x = np.asarray(x, np.float64)
-  _, c = _check_labels(y, 2)
+  _, c = check_labels(y, 2)
   y = np.asarray(y)
   moments = [run_moments(x[y == a]) for a in range(c)]  # (loop over architectures)
   log_p = np.zeros(x.shape[1])
