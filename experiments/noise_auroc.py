@@ -12,11 +12,13 @@ import sys
 
 from absl import app
 from absl import flags
+import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import cli  # pylint: disable=g-import-not-at-top
 from jaxdiff import scores  # pylint: disable=g-import-not-at-top
 from jaxdiff import store
+from jaxdiff.report import tables
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with noise_mask.npy.")
 flags.mark_flag_as_required("workdir")
@@ -32,12 +34,12 @@ def main(argv):
   rows = scores.auroc_table({k: s.get(k) for k in s.scores if k != "mb_presentations"}, noisy)
   lines = [f"Label noise {noisy.mean():.0%} ({int(noisy.sum())} of {noisy.size}), "
            f"{s.meta.get('arch')}, R={rows[0]['runs'] if rows else 0}, "
-           f"{s.meta.get('num_epochs')} epochs.", "",
-           "| score | AUROC (run-averaged score) | AUROC single run (mean +- std) |",
-           "|---|---|---|"]
-  lines += [f"| {r['score']} | {r['auroc_mean_score']:.3f} | {r['auroc_single_mean']:.3f} +- "
-            f"{r['auroc_single_std']:.3f} |" for r in rows]
-  text = "\n".join(lines) + "\n"
+           f"{s.meta.get('num_epochs')} epochs.", ""]
+  table = pd.DataFrame(
+      [[r["score"], f"{r['auroc_mean_score']:.3f}",
+        f"{r['auroc_single_mean']:.3f} +- {r['auroc_single_std']:.3f}"] for r in rows],
+      columns=["score", "AUROC (run-averaged score)", "AUROC single run (mean +- std)"])
+  text = "\n".join(lines) + "\n" + tables.markdown_table(table, cell=str, empty=None)
   print(text)
   store.atomic_write_text(os.path.join(_WORKDIR.value, "noise_auroc.md"), text)
   store.atomic_write_json(os.path.join(_WORKDIR.value, "noise_auroc.json"), rows)

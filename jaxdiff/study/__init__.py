@@ -19,7 +19,7 @@ Layout of a study workdir::
     <workdir>/report/findings.json  every number of report.md, machine-readable
     <workdir>/report/figures/       reliability, agreement, sensitivity, fingerprint, pruning
     <workdir>/report/tables/        CSV (and JSON) of every table
-    <workdir>/report/analysis/      the full analysis report (analysis.write_report)
+    <workdir>/report/analysis/      the full analysis report (report.analysis.write_report)
     <workdir>/report/fingerprint/   the full fingerprint report and the saved fingerprint
 """
 
