@@ -22,6 +22,7 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
 from jaxdiff import cli
+from jaxdiff import workdir as workdir_lib
 from jaxdiff.report import analysis as analysis_report  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -47,7 +48,7 @@ def load_inputs(workdir):
   try:
     import ml_collections
     from jaxdiff import data
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(workdir_lib.path(workdir, "config")) as f:
       cfg = json.load(f)
     ds = data.load_dataset(ml_collections.ConfigDict(cfg["data"]))
     return ds.x_train, ds.kind

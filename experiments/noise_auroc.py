@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import cli  # pylint: disable=g-import-not-at-top
 from jaxdiff import scores  # pylint: disable=g-import-not-at-top
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
 from jaxdiff.report import tables
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with noise_mask.npy.")
@@ -26,10 +27,10 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
-  path = os.path.join(_WORKDIR.value, "noise_mask.npy")
+  path = workdir_lib.path(_WORKDIR.value, "noise_mask")
   if not os.path.exists(path):
     raise app.UsageError(f"{path} does not exist: train with --config.data.label_noise > 0")
-  s = store.load_scores(os.path.join(_WORKDIR.value, "scores"))
+  s = workdir_lib.load_scores(_WORKDIR.value)
   noisy = store.load_npy(path, (s.example_ids.size,), what="flipped labels").astype(bool)
   rows = scores.auroc_table({k: s.get(k) for k in s.scores if k != "mb_presentations"}, noisy)
   lines = [f"Label noise {noisy.mean():.0%} ({int(noisy.sum())} of {noisy.size}), "
@@ -41,8 +42,8 @@ def main(argv):
       columns=["score", "AUROC (run-averaged score)", "AUROC single run (mean +- std)"])
   text = "\n".join(lines) + "\n" + tables.markdown_table(table, cell=str, empty=None)
   print(text)
-  store.atomic_write_text(os.path.join(_WORKDIR.value, "noise_auroc.md"), text)
-  store.atomic_write_json(os.path.join(_WORKDIR.value, "noise_auroc.json"), rows)
+  store.atomic_write_text(workdir_lib.path(_WORKDIR.value, "noise_auroc_md"), text)
+  store.atomic_write_json(workdir_lib.path(_WORKDIR.value, "noise_auroc_json"), rows)
 
 
 if __name__ == "__main__":

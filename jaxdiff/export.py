@@ -36,6 +36,7 @@ import pandas as pd
 from jaxdiff import heldout
 from jaxdiff import scores as scores_lib
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
 
 FORMATS = ("cleanlab", "cartography", "aum", "tidy")
 TIDY_FORMATS = ("auto", "parquet", "csv")
@@ -239,7 +240,7 @@ def margins(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 def _stored_aum(w: heldout.WorkdirArrays) -> np.ndarray | None:
   """scores/aum.npy `[R, N]` as stored (checked against its SHA-256), or None without it."""
-  path = os.path.join(w.workdir, "scores", "aum.npy")
+  path = os.path.join(workdir_lib.scores_dir(w.workdir), "aum.npy")
   if not os.path.exists(path):
     return None
   return store.load_npy(path, w.mask.shape, sha256=(w.meta.get("sha256") or {}).get("aum.npy"))
@@ -333,7 +334,7 @@ def tidy_table(w: heldout.WorkdirArrays | str, *, include_diverged: bool = False
      dict with "orientation", "negated", "diverged_members").
   """
   w = _arrays(w)
-  s = store.load_scores(os.path.join(w.workdir, "scores"))
+  s = workdir_lib.load_scores(w.workdir)
   ids = np.asarray(s.example_ids, np.int64)
   n = ids.size
   runs = np.arange(s.num_runs)
@@ -350,7 +351,7 @@ def tidy_table(w: heldout.WorkdirArrays | str, *, include_diverged: bool = False
 
   for name in sorted(s.scores):
     add(name, s.scores[name][keep_runs], keep_runs)
-  epath = os.path.join(w.workdir, "ensemble_scores.npz")
+  epath = workdir_lib.path(w.workdir, "ensemble_scores")
   if os.path.exists(epath):
     ens = scores_lib.orient(store.load_npz(epath, what="ensemble scores"), strict=False)
     for name in sorted(ens):
@@ -422,7 +423,7 @@ def export(workdir: str, out_dir: str, formats: Iterable[str] = FORMATS) -> dict
   # Every format is checked before the first file is written: a refused export writes nothing.
   checks = {"cleanlab": _check_cleanlab, "cartography": _cartography_history,
             "aum": _check_aum,
-            "tidy": lambda w: store.load_scores(os.path.join(w.workdir, "scores"))}
+            "tidy": lambda w: workdir_lib.load_scores(w.workdir)}
   problems = []
   for f in formats:
     try:

@@ -14,13 +14,15 @@ that trained on the example (even NaN or inf) never reach it. Diverged members a
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
+# A workdir's arrays, read back (re-exported: the estimators' input).
+from jaxdiff.workdir import WorkdirArrays, read_workdir  # pylint: disable=unused-import
 
 SIDES = ("out", "in")
 
@@ -291,88 +293,6 @@ def label_prob(probs: Any, labels: Any) -> np.ndarray:
                             axis=-1)[..., 0]
 
 
-# ----------------------------------------------------------------------------- workdirs
-
-
-@dataclasses.dataclass
-class WorkdirArrays:
-  """What the held-out estimators and the exports read from a training workdir.
-
-  Attributes:
-    workdir: the path.
-    logits: float32 `[R, N, C]` final evaluation logits of every member on every example.
-    labels: int `[N]` the (possibly noisy) training labels.
-    example_ids: int64 `[N]`.
-    mask: bool `[R, N]` subset mask (all True for workdirs trained without subsets).
-    fractions: float64 `[R]` each member's subset fraction.
-    valid: bool `[R]` non-diverged members.
-    noise_mask: bool `[N]` flipped labels, or None without label noise.
-    meta: scores/meta.json.
-    history: sorted paths of history/epoch_XXXX.npz (empty without scores.save_history).
-  """
-  workdir: str
-  logits: np.ndarray
-  labels: np.ndarray
-  example_ids: np.ndarray
-  mask: np.ndarray
-  fractions: np.ndarray
-  valid: np.ndarray
-  noise_mask: np.ndarray | None
-  meta: dict
-  history: list[str]
-
-  @property
-  def has_subsets(self) -> bool:
-    return bool((~self.mask[self.valid]).any())
-
-
-def history_paths(workdir: str) -> list[str]:
-  """Per-epoch logits files of a workdir, in epoch order."""
-  return sorted(glob.glob(os.path.join(workdir, "history", "epoch_[0-9][0-9][0-9][0-9].npz")))
-
-
-def read_workdir(workdir: str) -> WorkdirArrays:
-  """Loads the arrays of a training workdir (any workdir: masks default to all True).
-
-  Logits come from `logits.npy`, else from the last `history/epoch_XXXX.npz` (the same final
-  evaluation).
-
-  Raises:
-    store.StoreError when the workdir has no scores or no logits.
-  """
-  scores_dir = os.path.join(workdir, "scores")
-  if not os.path.exists(os.path.join(scores_dir, store.META)):
-    raise store.StoreError(f"{workdir!r} has no scores/{store.META}: not a finished training "
-                           "workdir")
-  meta = store.read_meta(scores_dir)
-  runs, n = int(meta["num_runs"]), int(meta["num_examples"])
-  digests = meta.get("sha256") or {}
-  labels, example_ids = (store.load_npy(os.path.join(scores_dir, f), (n,), sha256=digests.get(f))
-                         for f in ("labels.npy", "example_ids.npy"))
-  history = history_paths(workdir)
-  path = os.path.join(workdir, "logits.npy")
-  shape, names = (runs, n, None), ("R", "N", "C")
-  if os.path.exists(path):
-    logits = store.load_npy(path, shape, names=names, what="final logits")
-  elif history:
-    logits = store.load_npz_array(history[-1], "logits", shape, names=names,
-                                  what="final logits")
-  else:
-    raise store.StoreError(f"{workdir!r} has no logits.npy (written when under 1 GiB) and no "
-                           "history/: retrain, or with scores.save_history=True")
-  mpath = os.path.join(workdir, "subset_mask.npy")
-  mask = (store.load_npy(mpath, (runs, n), what="subset mask").astype(bool)
-          if os.path.exists(mpath) else np.ones((runs, n), bool))
-  fractions = np.asarray(meta.get("subset_fractions", [1.0] * runs), np.float64)
-  valid = ~np.asarray(meta.get("diverged", [False] * runs), bool)
-  npath = os.path.join(workdir, "noise_mask.npy")
-  noise = (store.load_npy(npath, (n,), what="flipped labels").astype(bool)
-           if os.path.exists(npath) else None)
-  return WorkdirArrays(workdir=workdir, logits=logits, labels=labels, example_ids=example_ids,
-                       mask=mask, fractions=fractions, valid=valid, noise_mask=noise, meta=meta,
-                       history=history)
-
-
 # ----------------------------------------------------------------------------- analysis
 
 
@@ -571,8 +491,8 @@ def load_report(workdir: str, *, min_holdout: int = 2,
                        "--config.data.label_noise > 0)")
     store.check_distinct_paths([workdir, full_data_workdir])
     f = read_workdir(full_data_workdir)
-    fs = store.load_scores(os.path.join(full_data_workdir, "scores"))
-    store.check_compatible({workdir: store.load_scores(os.path.join(workdir, "scores")),
+    fs = workdir_lib.load_scores(full_data_workdir)
+    store.check_compatible({workdir: workdir_lib.load_scores(workdir),
                             full_data_workdir: fs})
     if f.noise_mask is None or not np.array_equal(f.noise_mask, w.noise_mask):
       raise store.StoreError(f"{full_data_workdir!r} flipped other labels than {workdir!r}: "
@@ -581,7 +501,7 @@ def load_report(workdir: str, *, min_holdout: int = 2,
   res = analyze(w, min_holdout=min_holdout)
   rows = None
   if noisy:
-    s = store.load_scores(os.path.join(workdir, "scores"))
+    s = workdir_lib.load_scores(workdir)
     held, insample = heldout_difficulty(res)
     rows, _ = noise_auroc_rows(held, insample,
                                {k: s.get(k) for k in s.scores if k != "mb_presentations"},

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,6 +22,8 @@ from jaxdiff import recording
 from jaxdiff import scores as S
 from jaxdiff import store
 from jaxdiff import train
+from jaxdiff import workdir as workdir_lib
+from jaxdiff.workdir import WorkdirError, read_config, saved_epochs  # re-exported
 
 # Score groups that need only a checkpoint; trajectory scores (forgetting, AUM, VoG, ...) need
 # every epoch and are recorded during training only.
@@ -40,10 +40,6 @@ INPUT_GRAD_NORM = ("input_grad_norm: ||d p_y / d x||_2 over the input's entries,
                    "monotone in difficulty (p_y saturates near 0 and 1): Spearman with mean loss "
                    "+0.82 after 100 epochs of the default config, -0.76 with the loss early in "
                    "training")
-
-
-class WorkdirError(ValueError):
-  """No such workdir, epoch or score group, or data that is not the workdir's."""
 
 
 @dataclasses.dataclass
@@ -86,36 +82,11 @@ class Ensemble:
     return np.asarray(self.engine.logits(self.state, x, chunk_size))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config of a training workdir (`<workdir>/config.json`).
-
-  Raises:
-    WorkdirError: `workdir` is not a training workdir, or its config.json is unreadable.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
-    raise WorkdirError(f"no such workdir {workdir!r}")
-  if not os.path.isfile(path):
-    raise WorkdirError(f"{workdir!r} is not a training workdir (it has no config.json)")
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError, UnicodeDecodeError) as e:
-    raise WorkdirError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
-
-
-def saved_epochs(workdir: str) -> list[int]:
-  """The epochs with a checkpoint in `<workdir>/checkpoints` (Orbax keeps the newest 2)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ()
-  return sorted(int(n) for n in names if n.isdigit())
-
-
 def _check_epoch(workdir: str, epoch: int | None) -> int:
   saved = saved_epochs(workdir)
   if not saved:
     raise WorkdirError(f"{workdir!r} has no checkpoint (nothing under "
-                       f"{os.path.join(workdir, 'checkpoints')})")
+                       f"{workdir_lib.path(workdir, 'checkpoints')})")
   if epoch is None:
     return saved[-1]
   if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch not in saved:
@@ -148,10 +119,9 @@ def _setup(workdir, epoch, arrays, scores_options=None):
 def _check_data(workdir: str, ds) -> None:
   """Refuses data other than the workdir's (arrays or files changed since), by the fingerprint
   its score store records."""
-  meta_path = os.path.join(workdir, "scores", store.META)
-  if not os.path.isfile(meta_path):
+  if not workdir_lib.scores_complete(workdir):
     return
-  meta = store.read_meta(os.path.dirname(meta_path))
+  meta = store.read_meta(workdir_lib.scores_dir(workdir))
   try:
     store.check_same_data("the data given", {"dataset_fingerprint": ds.fingerprint()}, workdir,
                           meta)
@@ -269,8 +239,8 @@ def score_workdir(workdir: str, epoch: int | None = None, groups: Iterable[str] 
   options = {k: v for k, v in options.items() if v is not None}
   config = read_config(workdir)
   epoch = _check_epoch(workdir, epoch)
-  scores_dir = os.path.join(workdir, "scores")
-  if not os.path.isfile(os.path.join(scores_dir, store.META)):
+  scores_dir = workdir_lib.scores_dir(workdir)
+  if not workdir_lib.scores_complete(workdir):
     raise WorkdirError(f"{workdir!r} has no score store ({scores_dir}/meta.json): its training "
                        "has not finished; resume it with experiments/train.py first")
   with train.workdir_lock(workdir):

@@ -20,6 +20,7 @@ import scipy.stats
 
 from jaxdiff import data as data_lib
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
 
 # How the ranking is made: one run's score ("single"), the mean over all valid runs ("mean"),
 # or no score ("random"); and which side of the ranking is kept.
@@ -167,10 +168,9 @@ def condition_config(base: ml_collections.ConfigDict, ds: data_lib.Dataset, kept
 def read_test_accuracy(workdir: str) -> pd.DataFrame:
   """Final-epoch test accuracy per member from `<workdir>/metrics.jsonl` (columns member, epoch,
   test_acc, diverged)."""
-  from jaxdiff import train  # pylint: disable=g-import-not-at-top
-  recs = train.read_metrics(workdir)
+  recs = workdir_lib.read_metrics(workdir)
   if not recs:
-    raise ValueError(f"{workdir}/metrics.jsonl is empty")
+    raise ValueError(f"{workdir_lib.path(workdir, 'metrics')} is empty")
   last = max(r["epoch"] for r in recs)
   rows = [dict(member=r["member"], epoch=r["epoch"], test_acc=r["test_acc"],
                diverged=bool(r["diverged"])) for r in recs if r["epoch"] == last]
@@ -222,7 +222,7 @@ def run_pruning(train_config: ml_collections.ConfigDict, ds: data_lib.Dataset,
       on_condition(cond.name, i, len(conds))
     kept = kept_indices(scores, cond, single_run=single_run, seed=seed)
     wd = os.path.join(workdir, cond.name)
-    done = os.path.exists(os.path.join(wd, "scores", store.META))
+    done = workdir_lib.scores_complete(wd)
     if not done:
       cfg = condition_config(train_config, ds, kept, cond.name)
       arrays = dict(x_train=ds.x_train[kept], y_train=ds.y_train[kept], x_test=ds.x_test,
@@ -231,11 +231,11 @@ def run_pruning(train_config: ml_collections.ConfigDict, ds: data_lib.Dataset,
       # subset is refused by train.check_workdir before kept_ids.npy is rewritten.
       t0 = time.perf_counter()
       train_fn(cfg, wd, arrays=arrays)
-      store.atomic_save_npy(os.path.join(wd, "kept_ids.npy"), ds.example_ids[kept])
+      store.atomic_save_npy(workdir_lib.path(wd, "kept_ids"), ds.example_ids[kept])
       if on_trained is not None:
         on_trained(cond.name, time.perf_counter() - t0)
     else:
-      saved = np.load(os.path.join(wd, "kept_ids.npy"))
+      saved = np.load(workdir_lib.path(wd, "kept_ids"))
       if not np.array_equal(saved, ds.example_ids[kept]):
         raise ValueError(f"{wd} was trained on another kept subset ({saved.size} ids) than "
                          f"condition {cond.name} selects now ({kept.size}); the scores changed. "

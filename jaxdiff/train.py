@@ -16,11 +16,6 @@ import sys
 import time
 from typing import Any, Mapping
 
-try:
-  import fcntl
-except ImportError:  # Windows
-  fcntl = None
-
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -36,6 +31,7 @@ from jaxdiff import models
 from jaxdiff import recording
 from jaxdiff import scores as scores_lib
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
 
 # Config fields that may change between a run and its resumption without changing its numbers.
 # member_chunk, member_strategy and epoch_loop change the programs members run through, so
@@ -123,7 +119,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | Non
     None, or for such a change `{"groups": score groups to compute, "drop": stored scores they
     replace}`.
   """
-  path = os.path.join(workdir, "config.json")
+  path = workdir_lib.path(workdir, "config")
   resolved = json.loads(config.to_json_best_effort())
   rescore = None
   if os.path.exists(path):
@@ -143,7 +139,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | Non
       rescore = _rescore_plan(workdir, config, diff, describe)
   os.makedirs(workdir, exist_ok=True)
   # Temporaries of writes cut short by a kill (checkpoints/ is Orbax's to manage).
-  for stale in store.remove_stale_temporaries(workdir, skip=("checkpoints",)):
+  for stale in store.remove_stale_temporaries(workdir, skip=(workdir_lib.FILES["checkpoints"],)):
     logging.info("removed %s, left by an interrupted run", stale)
   if rescore is None:
     store.atomic_write_json(path, resolved)
@@ -152,9 +148,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | Non
 
 def _rescore_plan(workdir, config, diff, describe) -> dict:
   """What a change of the `scores` section on a finished workdir recomputes (see check_workdir)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ()) if n.isdigit()]
-  if config.num_epochs not in steps or not _scores_complete(workdir):
+  if (config.num_epochs not in workdir_lib.saved_epochs(workdir)
+      or not workdir_lib.scores_complete(workdir)):
     raise ConfigError(f"workdir {workdir!r} was written with other score options "
                       f"({describe(diff)}) and is not finished: resume it with its own config "
                       "first; the scores section may change once training is done")
@@ -191,58 +186,19 @@ def validate_against_data(config: ml_collections.ConfigDict, ds: data_lib.Datase
                         f"the data has {n}; set scores.num_prototypes <= {n}")
 
 
-LOCK_FILE = ".lock"
+LOCK_FILE = workdir_lib.LOCK_FILE
+read_metrics = workdir_lib.read_metrics
 
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-  """Holds an exclusive `flock` on `<workdir>/.lock` while a run writes the workdir.
-
-  A second run on the same workdir (a notebook cell run twice, two shells) would interleave
-  checkpoints, metrics and scores, and delete the first's temporaries as stale; it is refused
-  instead. The kernel releases the lock when its holder exits, however it dies (SIGKILL too), so
-  a killed run never blocks its resumption. Without `fcntl` (Windows) nothing is locked.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  if fcntl is None:
-    yield
-    return
-  path = os.path.join(workdir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
+  """`workdir.lock`: refuses a workdir that another live run holds with a ConfigError."""
+  with contextlib.ExitStack() as held:
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-      raise ConfigError(f"workdir {workdir!r} is in use by another running job (it holds a lock "
-                        f"on {path}); wait for it to finish, or use another --workdir") from e
+      held.enter_context(workdir_lib.lock(workdir))
+    except workdir_lib.WorkdirInUseError as e:
+      raise ConfigError(str(e)) from e
     yield
-  finally:
-    os.close(fd)  # releases the lock
-
-
-class _MetricsLog:
-  """metrics.jsonl: rewritten atomically each epoch, so a kill never leaves half a line, and a
-  resumed run drops epochs after its checkpoint."""
-
-  def __init__(self, path: str, resume_epoch: int):
-    self.path = path
-    self.lines = []
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            rec = json.loads(line)
-          except json.JSONDecodeError:
-            continue
-          if rec.get("epoch", 0) <= resume_epoch:
-            self.lines.append(line.rstrip("\n"))
-
-  def write(self, records):
-    # Strict JSON: a diverged member's NaN/inf losses are written as null.
-    clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
-    self.lines += [json.dumps({k: clean(v) for k, v in r.items()}, sort_keys=True, allow_nan=False)
-                   for r in records]
-    store.atomic_write_text(self.path, "\n".join(self.lines) + "\n")
 
 
 def _progress(epoch, num_epochs, records, seconds, enabled):
@@ -366,14 +322,13 @@ def restore(run: Run, workdir: str, epoch: int | None = None):
   Raises:
     CheckpointError: no such checkpoint (naming the saved epochs), or it cannot be read.
   """
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
-                 if n.isdigit())
+  ckpt_dir = workdir_lib.checkpoints_dir(workdir)
+  steps = workdir_lib.saved_epochs(workdir)
   if not steps or (epoch is not None and epoch not in steps):
     raise CheckpointError(f"{ckpt_dir} has no checkpoint of epoch {epoch if epoch else 'any'} "
                           f"(saved epochs: {steps or 'none'})")
   epoch = steps[-1] if epoch is None else epoch
-  step_dir = os.path.join(ckpt_dir, str(epoch))
+  step_dir = workdir_lib.checkpoint_dir(workdir, epoch)
   target = run.target()
   try:
     checksums.verify(step_dir)
@@ -403,7 +358,7 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
   held.enter_context(workdir_lock(workdir))  # only once everything above has validated
   rescore = check_workdir(workdir, config)
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  ckpt_dir = workdir_lib.checkpoints_dir(workdir)
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
                                                                               create=True))
   start_epoch = 0
@@ -413,8 +368,8 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
     start_epoch = restored_epoch
     state, recorder.state = _place_restored(run, restored, target)
     logging.info("resumed %s from epoch %d", workdir, start_epoch)
-  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_epoch)
-  if start_epoch == num_epochs and rescore is None and _scores_complete(workdir):
+  log = workdir_lib.MetricsLog(workdir, start_epoch)
+  if start_epoch == num_epochs and rescore is None and workdir_lib.scores_complete(workdir):
     logging.info("%s is complete (%d epochs trained, scores written): nothing to do", workdir,
                  num_epochs)
     _progress_done(workdir, config.get("progress", True))
@@ -444,9 +399,9 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
       unsealed = epoch
   _seal(mngr, unsealed)
 
-  if rescore is not None and start_epoch == num_epochs and _scores_complete(workdir):
+  if rescore is not None and start_epoch == num_epochs and workdir_lib.scores_complete(workdir):
     # A finished workdir whose scores section changed: only the changed score groups.
-    kept = store.load_scores(os.path.join(workdir, "scores")).scores
+    kept = workdir_lib.load_scores(workdir).scores
     final, ensemble_scores = recorder.finalize(state, only=rescore["groups"])
     final = {**{k: v for k, v in kept.items() if k not in rescore["drop"]}, **final}
     logging.info("computed %s from the final checkpoint", sorted(rescore["groups"]) or "nothing")
@@ -454,7 +409,7 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
     final, ensemble_scores = recorder.finalize(state)
   write_scores(run, workdir, state, final, ensemble_scores)
   if rescore is not None:
-    store.atomic_write_json(os.path.join(workdir, "config.json"),
+    store.atomic_write_json(workdir_lib.path(workdir, "config"),
                             json.loads(config.to_json_best_effort()))
   return _summary(run, state, log)
 
@@ -465,7 +420,7 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
   noise mask of a finished run."""
   config, ds = run.config, run.ds
   meta = {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
-          "arch": config.get("arch_label") or _arch_label(config.model), "seed": config.seed,
+          "arch": workdir_lib.arch_label(config), "seed": config.seed,
           "member_ids": run.member_ids.tolist(), "num_epochs": config.num_epochs,
           "diverged": np.asarray(state.diverged).tolist(),
           "diverged_step": np.asarray(state.diverged_step).tolist(),
@@ -474,36 +429,31 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
                          "stored negated (listed in 'negated')")
   # Scores at other epochs (`loss_e10`, experiments/score.py) keep their score's orientation.
   meta["negated"] = sorted(k for k in final if re.sub(r"_e\d+$", "", k) in scores_lib.NEGATED)
-  if _scores_complete(workdir):  # kept: what experiments/score.py recorded of its scores
-    old_meta = store.load_scores(os.path.join(workdir, "scores")).meta
+  if workdir_lib.scores_complete(workdir):  # kept: what experiments/score.py recorded of its scores
+    old_meta = workdir_lib.load_scores(workdir).meta
     meta.update({k: old_meta[k] for k in ("posthoc", "definitions") if k in old_meta})
-  store.save_scores(os.path.join(workdir, "scores"), dict(final), example_ids=ds.example_ids,
+  store.save_scores(workdir_lib.scores_dir(workdir), dict(final), example_ids=ds.example_ids,
                     labels=ds.y_train, meta=meta)
-  store.atomic_save_npy(os.path.join(workdir, "subset_mask.npy"),
+  store.atomic_save_npy(workdir_lib.path(workdir, "subset_mask"),
                         np.ones((run.num_runs, ds.num_train), bool) if run.subset_mask is None
                         else run.subset_mask)
   logits = run.recorder.final_logits
   if logits is not None and logits.nbytes < 2**30:
-    store.atomic_save_npy(os.path.join(workdir, "logits.npy"), logits.astype(np.float32))
+    store.atomic_save_npy(workdir_lib.path(workdir, "logits"), logits.astype(np.float32))
   if ensemble_scores:  # one value per example, over the non-diverged members
-    store.atomic_write_bytes(os.path.join(workdir, "ensemble_scores.npz"),
+    store.atomic_write_bytes(workdir_lib.path(workdir, "ensemble_scores"),
                              _npz_bytes(ensemble_scores))
   if ds.noise_mask.any():
-    store.atomic_save_npy(os.path.join(workdir, "noise_mask.npy"), ds.noise_mask)
+    store.atomic_save_npy(workdir_lib.path(workdir, "noise_mask"), ds.noise_mask)
   if getattr(ds, "source_ids", None) is not None:  # ids in the source dataset (tfds, digits)
-    store.atomic_save_npy(os.path.join(workdir, "source_ids.npy"), np.asarray(ds.source_ids))
+    store.atomic_save_npy(workdir_lib.path(workdir, "source_ids"), np.asarray(ds.source_ids))
 
 
 def _summary(run: Run, state, log) -> dict:
-  test_acc = np.array([r["test_acc"] for r in log_last(log)])
+  test_acc = np.array([r["test_acc"] for r in log.last_epoch()])
   return {"test_acc": test_acc, "scoring_seconds": run.recorder.timings,
           "diverged": np.asarray(state.diverged), "state": state,
           "dataset": run.ds.fingerprint(), "engine": run.engine}
-
-
-def _scores_complete(workdir: str) -> bool:
-  """The workdir's score store was written to the end (its meta.json, written last, exists)."""
-  return os.path.exists(os.path.join(workdir, "scores", store.META))
 
 
 def _progress_done(workdir, enabled):
@@ -568,7 +518,7 @@ def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
       checksums.write(step_dir)
     for bad, e in failures:
       src = os.path.join(str(mngr.directory), str(bad))
-      dest = os.path.join(workdir, "corrupt_checkpoints", str(bad))
+      dest = workdir_lib.corrupt_checkpoint_dir(workdir, bad)
       while os.path.exists(dest):
         dest += "_"
       os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -591,20 +541,3 @@ def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
 def _like(restored, live):
   """A restored leaf as the kind of array the live leaf is (host NumPy stays NumPy)."""
   return restored if isinstance(live, jax.Array) else np.asarray(restored)
-
-
-def log_last(log: _MetricsLog):
-  recs = [json.loads(l) for l in log.lines]
-  last = max(r["epoch"] for r in recs)
-  return sorted((r for r in recs if r["epoch"] == last), key=lambda r: r["member"])
-
-
-def _arch_label(model_config) -> str:
-  items = [f"{k}={v}" for k, v in sorted(dict(model_config).items()) if k != "name"]
-  return model_config["name"] + (f"({','.join(items)})" if items else "")
-
-
-def read_metrics(workdir: str):
-  """metrics.jsonl as a list of dicts (pandas: `pd.read_json(path, lines=True)`)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f if l.strip()]

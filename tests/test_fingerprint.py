@@ -479,10 +479,12 @@ def test_collect_runs_drops_diverged_and_refuses_incompatible(tmp_path):
   data = evaluate.collect_runs(sets, ["loss"])
   assert data.arch_names == ["mlp", "cnn"] and np.bincount(data.y).tolist() == [5, 6]
   np.testing.assert_allclose(data.x[:5], x[y == 0][1:], rtol=1e-6)
-  sets = evaluate.load_workdirs([str(tmp_path / "b"), str(tmp_path / "c")])
-  assert list(sets) == ["b", "c"]  # repeated meta arch: workdir names
+  _write_workdir(tmp_path / "d", x[y == 1], ids, "cnn")
+  sets = evaluate.load_workdirs([str(tmp_path / "b"), str(tmp_path / "d")])
+  assert list(sets) == ["cnn@b", "cnn@d"]  # repeated meta arch: <arch>@<folder>
   with pytest.raises(store.StoreError, match="dataset"):
-    evaluate.collect_runs(sets, ["loss"])
+    evaluate.collect_runs(evaluate.load_workdirs([str(tmp_path / "b"), str(tmp_path / "c")]),
+                          ["loss"])
 
 
 def test_script_end_to_end(tmp_path):

@@ -10,29 +10,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from jaxdiff import store
+from jaxdiff.workdir import load_workdirs  # pylint: disable=unused-import (re-exported)
 from jaxdiff.analysis import agreement, correlation, reliability, sensitivity
 
 log = logging.getLogger(__name__)
-
-
-def arch_name(meta: Mapping[str, Any], fallback: str) -> str:
-  """The architecture label of a score set: meta["arch"] (a name, or a config dict with "name")."""
-  arch = meta.get("arch")
-  if isinstance(arch, str) and arch:
-    return arch
-  if isinstance(arch, Mapping):
-    for key in ("name", "model", "arch"):
-      if isinstance(arch.get(key), str) and arch[key]:
-        return arch[key]
-  return fallback
 
 
 # Files in a score folder that are bookkeeping, not difficulty scores.
@@ -66,34 +54,6 @@ def score_problems(sets: Mapping[str, store.ScoreSet], names: Sequence[str]) -> 
         problems[name] = reason
         break
   return problems
-
-
-def load_workdirs(workdirs: Sequence[str]) -> dict[str, store.ScoreSet]:
-  """Loads `<workdir>/scores` of each workdir, keyed by architecture, checked to be comparable.
-
-  Two workdirs with the same architecture name are told apart by their folder names.
-
-  Raises:
-    ValueError (store.StoreError): a missing or broken score directory, a workdir given twice (in
-      any spelling: compared by realpath), or workdirs trained on different data (dataset,
-      example ids, labels, data fingerprint: `store.check_compatible`).
-  """
-  if not workdirs:
-    raise ValueError("no workdirs given")
-  store.check_distinct_paths(workdirs)
-  sets = {}
-  for wd in workdirs:
-    ss = store.load_scores(os.path.join(wd, "scores"))
-    base = os.path.basename(os.path.normpath(wd))
-    name = arch_name(ss.meta, base)
-    if name in sets:
-      name = f"{name}@{base}"
-    if name in sets:  # distinct workdirs (checked above) with one folder name and architecture
-      raise ValueError(f"workdir {wd!r} and another workdir named {base!r} both hold "
-                       f"architecture {arch_name(ss.meta, base)!r}: rename one of the folders")
-    sets[name] = ss
-  store.check_compatible(sets)
-  return sets
 
 
 @dataclasses.dataclass

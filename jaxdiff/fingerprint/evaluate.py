@@ -10,13 +10,13 @@ all see the fit runs only; test accuracy is measured on the test runs only.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from jaxdiff import store
+from jaxdiff.workdir import load_workdirs  # pylint: disable=unused-import (re-exported)
 from jaxdiff.fingerprint import classify, model, selection
 
 DEFAULT_KS = (1, 10, 100, 1000)
@@ -42,32 +42,6 @@ class RunScores:
   @property
   def num_classes(self) -> int:
     return len(self.arch_names)
-
-
-def load_workdirs(workdirs: Sequence[str], names: Sequence[str] | None = None
-                  ) -> dict[str, store.ScoreSet]:
-  """Loads `<workdir>/scores` of each training workdir, keyed by architecture name.
-
-  Names default to each set's `meta["arch"]`, or to the workdir base names when those repeat
-  (two CNN widths may both say "cnn").
-
-  Raises:
-    ValueError (store.StoreError): a missing or broken score directory, a workdir given twice (in
-      any spelling: compared by realpath). `collect_runs`, which combines the sets, refuses sets
-      trained on different data (`store.check_compatible`).
-  """
-  if not workdirs:
-    raise ValueError("give at least one workdir")
-  store.check_distinct_paths(workdirs)
-  sets = [store.load_scores(os.path.join(w, "scores")) for w in workdirs]
-  if names is None or len(names) == 0:
-    names = [str(s.meta.get("arch", "")) for s in sets]
-    if len(set(names)) != len(names) or "" in names:
-      names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
-  if len(names) != len(workdirs) or len(set(names)) != len(names):
-    raise ValueError(f"need one distinct name per workdir; got names {list(names)} for "
-                     f"{len(workdirs)} workdirs")
-  return dict(zip(names, sets))
 
 
 def collect_runs(sets: Mapping[str, store.ScoreSet], score_names: Sequence[str]) -> RunScores:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
 
 import ml_collections
 
@@ -14,6 +13,7 @@ from jaxdiff import models
 from jaxdiff import pruning
 from jaxdiff import store
 from jaxdiff import train
+from jaxdiff.workdir import model_label  # pylint: disable=unused-import (re-exported)
 
 
 class StudyError(ValueError):
@@ -46,13 +46,6 @@ def arch_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.
   cfg.model = ml_collections.ConfigDict(config.archs[name].to_dict())
   cfg.arch_label = name
   return cfg
-
-
-def model_label(model: Mapping[str, Any]) -> str:
-  """A model config as one line: "name(field=value,...)"."""
-  m = dict(model)
-  return m.get("name", "?") + "(" + ",".join(f"{k}={v}" for k, v in sorted(m.items())
-                                            if k != "name") + ")"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -22,6 +22,7 @@ from jaxdiff import fingerprint
 from jaxdiff import pruning
 from jaxdiff import store
 from jaxdiff import train
+from jaxdiff import workdir as workdir_lib
 from jaxdiff.report import analysis as analysis_report
 from jaxdiff.report import fingerprint as fingerprint_report
 from jaxdiff.study.config import StudyError, arch_config, arch_names
@@ -36,7 +37,7 @@ def arch_workdir(workdir: str, name: str) -> str:
 
 def is_trained(workdir: str) -> bool:
   """A training workdir is finished when its scores/meta.json exists (written last)."""
-  return os.path.exists(os.path.join(workdir, "scores", store.META))
+  return workdir_lib.scores_complete(workdir)
 
 
 def train_archs(config: ml_collections.ConfigDict, workdir: str,
@@ -103,7 +104,7 @@ def _study_order(study_dir: str, names: list[str]) -> list[str]:
 
 def load_sets(workdirs: Mapping[str, str]) -> dict[str, store.ScoreSet]:
   """The score sets of training workdirs, keyed by the given names, checked to be comparable."""
-  sets = {n: store.load_scores(os.path.join(wd, "scores")) for n, wd in workdirs.items()}
+  sets = {n: workdir_lib.load_scores(wd) for n, wd in workdirs.items()}
   store.check_compatible(sets)
   return sets
 
@@ -120,7 +121,7 @@ def sets_key(workdirs: Mapping[str, str]) -> dict:
   """What identifies trained score sets: each one's meta.json (rewritten on every training)."""
   key = {}
   for n, wd in workdirs.items():
-    with open(os.path.join(wd, "scores", store.META)) as f:
+    with open(os.path.join(workdir_lib.scores_dir(wd), store.META)) as f:
       key[n] = digest(f.read())
   return key
 
