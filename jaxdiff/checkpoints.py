@@ -22,7 +22,7 @@ def abstract_target(path: str, sharding: jax.sharding.Sharding | None = None) ->
   meta = ocp.StandardCheckpointer().metadata(path)
   tree = getattr(meta, "item_metadata", meta)
   return jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding), tree)
 
 
 def restore(step_dir: str, numpy: bool = True) -> Any:
@@ -35,5 +35,7 @@ def restore(step_dir: str, numpy: bool = True) -> Any:
   path = os.path.join(step_dir, "default")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{step_dir!r} holds no checkpoint (no {path!r})")
-  tree = ocp.StandardCheckpointer().restore(path, abstract_target(path))
-  return jax.tree_util.tree_map(np.asarray, tree) if numpy else tree
+  target = abstract_target(path)
+  if numpy:  # host arrays of the saved dtypes (device arrays would cast float64 to float32)
+    target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), target)
+  return ocp.StandardCheckpointer().restore(path, target)

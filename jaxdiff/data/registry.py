@@ -41,11 +41,12 @@ class Source:
 
 DATASETS: dict[str, Source] = {
     "mnist1d": Source(sources.mnist1d_source, ("signal",), normalize=False),
-    "digits": Source(sources.digits_source, ("image",), normalize=True),
     "npz": Source(sources.npz_source, KINDS, normalize=False),
     "arrays": Source(sources.arrays_source, KINDS, normalize=False),
     **{name: Source(functools.partial(sources.tfds_source, name), ("image",), normalize=True)
        for name in TFDS_DATASETS},
+    # Embedded real images (scikit-learn's digits), listed after the sets that came before it.
+    "digits": Source(sources.digits_source, ("image",), normalize=True),
 }
 
 
