@@ -290,9 +290,13 @@ def test_split_cpu_gives_devices_and_looped_members_stay_on_one():
       st = e.init(ik, x)
       assert e.mesh is None and e.resolved_member_strategy == "loop"
       assert len(jax.tree_util.tree_leaves(st.params)[0].devices()) == 1
-      # Dense members are vmapped and sharded over both devices.
+      # Dense members are vmapped and sharded over both devices (4 members in chunks of 2: one
+      # chunk per device; in chunks of 8 they would be one padded chunk on one device).
       mlp = models.build_model(dict(name="mlp", width=8, depth=1), 10)
-      e = ens.Engine(mlp, tx, mesh=ens.make_mesh(4))
+      e = ens.Engine(mlp, tx, mesh=ens.make_mesh(4), member_chunk=8)
+      st = e.init(ik, x)
+      assert e.mesh is None and len(jax.tree_util.tree_leaves(st.params)[0].devices()) == 1
+      e = ens.Engine(mlp, tx, mesh=ens.make_mesh(4), member_chunk=2)
       st = e.init(ik, x)
       assert e.resolved_member_strategy == "vmap"
       assert len(jax.tree_util.tree_leaves(st.params)[0].devices()) == 2
