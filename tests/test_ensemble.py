@@ -243,7 +243,8 @@ def test_sharded_run_equals_single_device(tmp_path):
       from jaxdiff import train
       out = {{}}
       for nd in (4, 1):
-        c = tiny_config("mlp", num_runs=4, num_devices=nd)
+        # Chunks of one member: one chunk per device (the engine uses no more devices than chunks).
+        c = tiny_config("mlp", num_runs=4, num_devices=nd, member_chunk=1)
         res = train.train_and_evaluate(c, os.path.join({str(tmp_path)!r}, f"d{{nd}}"))
         leaf = jax.tree_util.tree_leaves(res["state"].params)[0]
         out[nd] = (leaf, np.load(os.path.join({str(tmp_path)!r}, f"d{{nd}}", "scores", "loss.npy")))
