@@ -197,3 +197,54 @@ def test_prototype_scores_match_numpy(normalize):
     np.testing.assert_allclose(out["proto_selfsup"][j], selfsup, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match=r"num_clusters must be an int in \[1, 50\]"):
     rep.prototype_scores(feats, labels, num_clusters=51)
+
+
+def lexsort_knn(train, labels, query, k, exclude_self, num_classes):
+  """One member, all queries at once: the full distance matrix (exact for integer features), the
+  neighbours by np.lexsort on (distance, index), majority vote (ties -> lowest class)."""
+  d = ((query[:, None, :].astype(np.int64) - train[None].astype(np.int64)) ** 2).sum(-1)
+  d = d.astype(np.float64)
+  if exclude_self:
+    d[np.arange(len(query)), np.arange(len(query))] = np.inf
+  idx = np.broadcast_to(np.arange(train.shape[0]), d.shape)
+  nbrs = np.stack([np.lexsort((i, row))[:k] for i, row in zip(idx, d)])
+  return np.array([np.argmax(np.bincount(labels[n], minlength=num_classes)) for n in nbrs])
+
+
+@pytest.mark.parametrize("block_size", [4, 5, 9, 36, 1000])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_blocked_knn_matches_lexsort_with_ties(block_size, exclude_self):
+  # Integer features on a 3x3 grid with duplicated rows: most distances tie exactly, so the
+  # neighbours depend on the (distance, index) order across reference blocks (36 examples: blocks
+  # of 4 and 9 divide it, 5 does not, 36 and 1000 are one block). Labels = index with k=1 makes
+  # the prediction the nearest neighbour's index itself.
+  rng = np.random.default_rng(21)
+  n = 36
+  train = rng.integers(0, 3, size=(2, n, 2)).astype(np.float32)
+  train[:, 20:26] = train[:, 3:9]  # exact duplicate rows, in and across blocks
+  query = train if exclude_self else rng.integers(0, 3, size=(2, 23, 2)).astype(np.float32)
+  for labels, k, num_classes in [(np.arange(n), 1, n), (np.arange(n), 3, n),
+                                 (rng.integers(0, 3, n), 6, 3), (rng.integers(0, 4, n), 11, 4)]:
+    got = rep.knn_predict(train, labels, query, k=k, exclude_self=exclude_self,
+                          num_classes=num_classes, chunk_size=7, block_size=block_size)
+    for j in range(2):
+      np.testing.assert_array_equal(
+          got[j], lexsort_knn(train[j], labels, query[j], k, exclude_self, num_classes),
+          err_msg=f"k={k} member {j}")
+
+
+def test_prediction_depth_blocked_with_ties_matches_brute_force():
+  # Integer features (exact distances, many ties), more class-separated with depth; reference
+  # blocks of 7 (not dividing N = 42), 6 and one block: the brute-force depths every time.
+  rng = np.random.default_rng(5)
+  r, n, k = 2, 42, 5
+  labels = rng.integers(0, 3, n)
+  layers = [(labels[:, None] * s + rng.integers(0, 3, size=(r, n, 3))).astype(np.float32)
+            for s in (0, 1, 2, 4)]
+  final = np.where(rng.uniform(size=(r, n)) < 0.8, labels, rng.integers(0, 3, (r, n)))
+  ref = brute_depth(layers, labels, layers, final, k, exclude_self=True)
+  assert len(np.unique(ref)) >= 3
+  for block_size in (6, 7, 4096):
+    got = rep.prediction_depth(layers, labels, None, final, k=k, chunk_size=16,
+                               block_size=block_size)
+    np.testing.assert_array_equal(got, ref, err_msg=f"block_size={block_size}")

@@ -1,8 +1,8 @@
 """Representation scores at a checkpoint: prediction depth (k-NN probes) and prototype distances.
 
-Features come from the models' `out["layers"]` / `out["pre_logits"]`; k-NN distances are computed
-member by member in jitted query chunks (one matmul each) so that 50,000 training examples fit in
-memory.
+Features come from the models' `out["layers"]` / `out["pre_logits"]`; exact k-NN is computed
+member by member in jitted query chunks, each against the training set in blocks (one matmul per
+block, a running top-k), so that memory stays bounded at any number of training examples.
 """
 
 from __future__ import annotations
@@ -59,16 +59,40 @@ def features(apply_fn: point.ApplyFn, variables: Any, x: Any, chunk_size: int = 
   return (layers, logits) if return_logits else layers
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _knn_chunk(train, train_sq, labels, query, query_ids, k, num_classes, exclude_self):
-  """k-NN predictions `[Q]` of one member for one query chunk `[Q, F]`."""
-  d = (jnp.sum(query * query, -1)[:, None] - 2.0 * jnp.dot(query, train.T, precision=_HIGHEST)
-       + train_sq[None, :])
-  d = jnp.maximum(d, 0.0)  # rounding can make a (near-)duplicate's distance negative or -0.0
-  # top_k orders by (distance, index), as a stable sort. A query that is training example `id`
-  # (query_ids >= 0) is dropped from its own neighbours after the fact: its k nearest others are
-  # among the k + 1 nearest overall, which saves masking the whole distance block.
-  _, nbrs = jax.lax.top_k(-d, k + 1 if exclude_self else k)
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _knn_chunk(train, train_sq, labels, query, query_ids, k, num_classes, exclude_self, n):
+  """k-NN predictions `[Q]` of one member for one query chunk `[Q, F]`, against the reference set
+  in blocks: `train [nb, B, F]` and `train_sq [nb, B]` (its first `n` rows real, the rest padding).
+
+  Never holds more than a `[Q, B + k + 1]` block of distances: each reference block's distances
+  (one matmul) are merged into a running top-k.
+  """
+  kk = k + 1 if exclude_self else k
+  size = train.shape[1]
+  q_sq = jnp.sum(query * query, -1)[:, None]
+
+  def block(b):
+    d = q_sq - 2.0 * jnp.dot(query, train[b].T, precision=_HIGHEST) + train_sq[b][None, :]
+    d = jnp.maximum(d, 0.0)  # rounding can make a (near-)duplicate's distance negative or -0.0
+    ids = b * size + jnp.arange(size, dtype=jnp.int32)
+    return -jnp.where(ids < n, d, jnp.inf), jnp.broadcast_to(ids, d.shape)  # padding last
+
+  # top_k orders by (distance, position) as a stable sort. The running best comes first in each
+  # merge and holds only lower indices than the new block, in (distance, index) order, so position
+  # order is index order and the merged top-k is exactly the top-k of the whole distance row.
+  neg, ids = block(0)
+  best, pos = jax.lax.top_k(neg, kk)
+  best_ids = jnp.take_along_axis(ids, pos, axis=1)
+
+  def merge(b, carry):
+    neg, ids = block(b)
+    neg, ids = jnp.concatenate([carry[0], neg], 1), jnp.concatenate([carry[1], ids], 1)
+    best, pos = jax.lax.top_k(neg, kk)
+    return best, jnp.take_along_axis(ids, pos, axis=1)
+
+  _, nbrs = jax.lax.fori_loop(1, train.shape[0], merge, (best, best_ids))
+  # A query that is training example `id` (query_ids >= 0) is dropped from its own neighbours after
+  # the fact: its k nearest others are among the k + 1 nearest overall.
   keep = nbrs != query_ids[:, None]
   keep = keep & (jnp.cumsum(keep, axis=1) <= k)
   votes = jnp.sum(jnp.where(keep[..., None],
@@ -80,13 +104,17 @@ _sq_rows = jax.jit(lambda a: jnp.sum(a * a, axis=-1))
 
 
 class _Probe:
-  """k-NN probe of one support set (labels, k, self-exclusion) over fixed-size query chunks."""
+  """k-NN probe of one support set (labels, k, self-exclusion) over fixed-size query chunks and
+  fixed-size blocks of the support set."""
 
   def __init__(self, labels: np.ndarray, num_classes: int, k: int, exclude_self: bool,
-               chunk_size: int, m: int):
+               chunk_size: int, m: int, block_size: int = 4096):
     self.labels = np.asarray(labels, np.int32)
-    self.static = (int(k), int(num_classes), bool(exclude_self))
+    n = self.labels.size
+    self.static = (int(k), int(num_classes), bool(exclude_self), n)
     self.chunk = min(point.check_chunk_size(chunk_size), m)
+    # Every block holds at least the k + 1 candidates that the running top-k keeps.
+    self.block = min(max(point.check_chunk_size(block_size), int(k) + 1), n)
     self.exclude_self = exclude_self
 
   def __call__(self, train: np.ndarray, query: np.ndarray, rows: np.ndarray | None = None
@@ -101,7 +129,13 @@ class _Probe:
     """Starts the probe of one member on `device` and returns without waiting (see `collect`)."""
     if not rows.size:
       return []
-    train_j = jax.device_put(np.asarray(train, np.float32), device)  # once for every chunk
+    train = np.asarray(train, np.float32)
+    b = self.block
+    pad = -train.shape[0] % b  # zero rows, masked out in `_knn_chunk`
+    if pad:
+      train = np.concatenate([train, np.zeros((pad, train.shape[1]), np.float32)])
+    # [nb, B, F], sent once for every chunk.
+    train_j = jax.device_put(train.reshape(-1, b, train.shape[1]), device)
     labels = jax.device_put(self.labels, device)
     train_sq = _sq_rows(train_j)
     c = self.chunk
@@ -163,14 +197,15 @@ def _check_knn(train_shape, query_shape, labels, k, exclude_self):
 
 def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: int = 30,
                 exclude_self: bool = False, num_classes: int | None = None,
-                chunk_size: int = 256) -> np.ndarray:
+                chunk_size: int = 256, block_size: int = 4096) -> np.ndarray:
   """k-nearest-neighbour (Euclidean, majority vote) predictions, per member.
 
   The k neighbours are the k smallest squared distances ||q||^2 - 2 q.t + ||t||^2 (one matmul per
-  query chunk), equal distances going to the lower training index (a stable sort's order); vote
-  ties go to the lowest class index. One jitted call per query chunk, the member's train features
-  sent to the device once; memory is about `chunk_size * N * 4` bytes for the distance block plus
-  the member's features.
+  query chunk and block of `block_size` training examples, merged into a running top-k), equal
+  distances going to the lower training index (a stable sort's order); vote ties go to the lowest
+  class index. One jitted call per query chunk, the member's train features sent to the device
+  once; memory is about `chunk_size * (block_size + k) * 4` bytes for the distance block plus the
+  member's features, never an `M x N` matrix.
 
   Args:
     train_features: `[R, N, F]`.
@@ -181,6 +216,7 @@ def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: 
       does not count training example i among its neighbours.
     num_classes: number of classes (default: max label + 1).
     chunk_size: queries per distance block.
+    block_size: training examples per distance block (at least k + 1; results do not depend on it).
 
   Returns:
     int32 `[R, M]`.
@@ -190,7 +226,7 @@ def knn_predict(train_features: Any, train_labels: Any, query_features: Any, k: 
   labels = np.asarray(train_labels)
   _check_knn(train.shape, query.shape, labels, k, exclude_self)
   num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-  probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, query.shape[1])
+  probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, query.shape[1], block_size)
   rows = np.arange(query.shape[1])
   out = _probe_members(probe, [(r, train[r], query[r], rows) for r in range(train.shape[0])])
   return np.stack([out[r] for r in range(train.shape[0])])
@@ -203,7 +239,8 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 def prediction_depth(train_features: Sequence[Any], train_labels: Any,
                      query_features: Sequence[Any] | None, final_pred: Any, k: int = 30,
-                     exclude_self: bool | None = None, chunk_size: int = 256) -> np.ndarray:
+                     exclude_self: bool | None = None, chunk_size: int = 256,
+                     block_size: int = 4096) -> np.ndarray:
   """Prediction depth (Baldock, Maennel & Neyshabur 2021, "Deep Learning Through the Lens of
   Example Difficulty").
 
@@ -228,6 +265,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     exclude_self: leave each query out of its own neighbours (the queries must be the training
       examples in order). Default: True when `query_features` is None or is `train_features`.
     chunk_size: queries per distance block.
+    block_size: training examples per distance block (see `knn_predict`).
 
   Returns:
     float32 `[R, M]` in [0, L].
@@ -254,7 +292,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       raise ValueError(f"final_pred has shape {final_pred.shape}, expected [R, M] = "
                        f"{qf.shape[:2]}")
     if probe is None:
-      probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, qf.shape[1])
+      probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, qf.shape[1], block_size)
       suffix = np.zeros(final_pred.shape, np.int64)
     active = suffix == num_layers - 1 - layer  # every probe below the top agreed so far
     preds = np.full(qf.shape[:2], -1, np.int32)
