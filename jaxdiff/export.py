@@ -35,6 +35,8 @@ import pandas as pd
 
 from jaxdiff import heldout
 from jaxdiff import scores as scores_lib
+from jaxdiff.scores import probs as probs_lib
+from jaxdiff.scores import registry
 from jaxdiff import store
 from jaxdiff import workdir as workdir_lib
 
@@ -77,7 +79,7 @@ def cleanlab_arrays(w: heldout.WorkdirArrays, min_holdout: int = 1) -> dict[str,
      "out_of_sample": bool [N]}.
   """
   _check_cleanlab(w)
-  probs = heldout.softmax(w.logits)
+  probs = probs_lib.softmax(w.logits)
   ens = probs[w.valid].mean(0)
   if w.has_subsets:
     p, count = heldout.oos_probs(probs, w.mask, w.valid, min_holdout=min_holdout)
@@ -226,16 +228,11 @@ def _natural(w: heldout.WorkdirArrays, name: str, stored: np.ndarray) -> np.ndar
 
 
 def margins(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-  """Logit margin z_y - max_{c != y} z_c and its parts (Pleiss et al. 2020), over `[..., N, C]`."""
-  z = np.asarray(logits, np.float64)
-  y = np.asarray(labels)
-  onehot = np.arange(z.shape[-1]) == y[:, None]
-  target = np.where(onehot, z, 0.0).sum(-1)
-  masked = np.where(onehot, -np.inf, z)
-  other_idx = masked.argmax(-1)
-  other = np.take_along_axis(masked, other_idx[..., None], -1)[..., 0]
-  return {"target_logit": target, "other_logit": other, "other_val": other_idx,
-          "margin": target - other}
+  """Logit margin z_y - max_{c != y} z_c and its parts (Pleiss et al. 2020), over `[..., N, C]`,
+  named as the AUM authors' full records name them."""
+  m = probs_lib.margins(logits, labels)
+  return {"target_logit": m["target"], "other_logit": m["other"], "other_val": m["other_idx"],
+          "margin": m["margin"]}
 
 
 def _stored_aum(w: heldout.WorkdirArrays) -> np.ndarray | None:
@@ -360,15 +357,15 @@ def tidy_table(w: heldout.WorkdirArrays | str, *, include_diverged: bool = False
         negated.add(name)
   if include_heldout and w.has_subsets:
     res = heldout.analyze(w, min_holdout=min_holdout)
-    extra = {"c_score": -res.c.integrated,
-             "oos_p_y": -heldout.label_prob(res.oos_probs, w.labels),
+    extra = {"c_score": res.c.integrated,
+             "oos_p_y": probs_lib.label_prob(res.oos_probs, w.labels),
              "memorisation": res.mem.value.mean(0)}
     if len(res.c.fractions) > 1:
-      extra.update({f"c_score_s{f:g}": -res.c.estimate.mean[i]
+      extra.update({f"c_score_s{f:g}": res.c.estimate.mean[i]
                     for i, f in enumerate(res.c.fractions)})
-    for name, v in extra.items():
+    for name, v in registry.oriented(extra).items():
       add(name, v, [-1])
-    negated |= {k for k in extra if k.startswith("c_score")} | {"oos_p_y"}
+    negated |= {k for k in extra if registry.is_negated(k)}
   df = pd.concat(parts, ignore_index=True)
   df["score"] = df["score"].astype("category")
   meta = {"orientation": "higher is harder; names in 'negated' are stored negated (their natural "

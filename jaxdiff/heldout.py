@@ -23,6 +23,8 @@ from jaxdiff import store
 from jaxdiff import workdir as workdir_lib
 # A workdir's arrays, read back (re-exported: the estimators' input).
 from jaxdiff.workdir import WorkdirArrays, read_workdir  # pylint: disable=unused-import
+from jaxdiff.scores import registry
+from jaxdiff.scores.probs import correctness, label_prob, margins, softmax
 
 SIDES = ("out", "in")
 
@@ -271,28 +273,6 @@ def oos_probs(probs: Any, mask: Any, valid: Any = None, *, min_holdout: int = 1
   return p, count.astype(np.int64)
 
 
-def softmax(logits: Any) -> np.ndarray:
-  """Softmax over the last axis in float64, shifted by the max for stability."""
-  z = np.asarray(logits, np.float64)
-  z = z - np.max(z, axis=-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
-
-
-def correctness(logits: Any, labels: Any) -> np.ndarray:
-  """0/1 float `[R, N]`: argmax_c z_c == y (ties -> lowest class, like `scores.point`)."""
-  logits = np.asarray(logits)
-  return (logits.argmax(-1) == np.asarray(labels)[None, :]).astype(np.float64)
-
-
-def label_prob(probs: Any, labels: Any) -> np.ndarray:
-  """p_y: `[..., N]` probability of each example's label from `[..., N, C]` probabilities."""
-  probs = np.asarray(probs)
-  labels = np.asarray(labels)
-  return np.take_along_axis(probs, labels.reshape((1,) * (probs.ndim - 2) + (-1, 1)),
-                            axis=-1)[..., 0]
-
-
 # ----------------------------------------------------------------------------- analysis
 
 
@@ -336,28 +316,24 @@ def heldout_difficulty(result: HeldoutResult) -> tuple[dict[str, np.ndarray],
                                                        dict[str, np.ndarray]]:
   """Per-example held-out scores and their in-sample counterparts, oriented higher-is-harder.
 
-  Held-out: `neg_c_score` (-integrated C-score), `neg_c_score_soft` (-integrated held-out p_y),
-  `neg_oos_p_y` (-p_y of the out-of-sample probabilities), `oos_margin` (max_{c != y} p_c - p_y of
-  the out-of-sample probabilities), `memorisation` (mean over fractions; high = the example is
-  only right when trained on: suspicious). In-sample (members that trained on the example):
-  `neg_in_p_y`, `in_margin`.
+  The registry's "heldout" and "insample" families (`scores.registry`), negated ones named
+  `neg_<name>`. Held-out: `neg_c_score` (-integrated C-score), `neg_c_score_soft` (-integrated
+  held-out p_y), `neg_oos_p_y` (-p_y of the out-of-sample probabilities), `oos_margin`
+  (max_{c != y} p_c - p_y of the out-of-sample probabilities), `memorisation` (mean over
+  fractions; high = the example is only right when trained on: suspicious). In-sample (members
+  that trained on the example): `neg_in_p_y`, `in_margin`.
 
   Returns:
     (held-out name -> float64 `[N]`, in-sample name -> float64 `[N]`); NaN where undefined.
   """
   y = result.labels
-
-  def py_margin(p):
-    py = label_prob(p, y)
-    other = np.where(np.arange(p.shape[1])[None, :] == y[:, None], -np.inf, p).max(1)
-    return py, other - py
-
-  oos_py, oos_margin = py_margin(result.oos_probs)
-  in_py, in_margin = py_margin(result.in_probs)
-  held = {"neg_c_score": -result.c.integrated, "neg_c_score_soft": -result.c_soft.integrated,
-          "neg_oos_p_y": -oos_py, "oos_margin": oos_margin,
+  oos, ins = margins(result.oos_probs, y), margins(result.in_probs, y)
+  held = {"c_score": result.c.integrated, "c_score_soft": result.c_soft.integrated,
+          "oos_p_y": oos["target"], "oos_margin": -oos["margin"],
           "memorisation": result.mem.value.mean(0)}
-  return held, {"neg_in_p_y": -in_py, "in_margin": in_margin}
+  insample = {"in_p_y": ins["target"], "in_margin": -ins["margin"]}
+  return (registry.oriented(held, registry.heldout_name),
+          registry.oriented(insample, registry.heldout_name))
 
 
 def noise_auroc_rows(heldout_scores: dict[str, np.ndarray], insample_scores: dict[str, np.ndarray],

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 
 from jaxdiff import ensemble as ens
-from jaxdiff import recording
 from jaxdiff import scores as S
 from jaxdiff import store
 from jaxdiff import train
@@ -28,18 +27,12 @@ from jaxdiff.workdir import WorkdirError, read_config, saved_epochs  # re-export
 # Score groups that need only a checkpoint; trajectory scores (forgetting, AUM, VoG, ...) need
 # every epoch and are recorded during training only.
 GROUPS = ("point", "grand", "input_grad", "representation")
-# The scores each group writes (before a non-final epoch's `_e<epoch>` suffix).
-GROUP_SCORES = {"point": S.point.POINT_SCORE_NAMES,
-                "grand": recording.GROUP_SCORES["grand"],
-                "input_grad": ("input_grad_norm",),
-                "representation": recording.GROUP_SCORES["representation"]}
+# The scores each group writes (before a non-final epoch's `_e<epoch>` suffix): the registry's
+# family of that name.
+GROUP_SCORES = {g: S.registry.names(g) for g in GROUPS}
 # `score_workdir` options: scores-section fields that change how scores are computed.
 OPTIONS = ("knn_k", "grand_method", "chunk_size")
-INPUT_GRAD_NORM = ("input_grad_norm: ||d p_y / d x||_2 over the input's entries, the input "
-                   "gradient of VoG (Agarwal, D'souza & Hooker 2022) at one checkpoint; not "
-                   "monotone in difficulty (p_y saturates near 0 and 1): Spearman with mean loss "
-                   "+0.82 after 100 epochs of the default config, -0.76 with the loss early in "
-                   "training")
+INPUT_GRAD_NORM = S.registry.ENTRIES["input_grad_norm"].definition
 
 
 @dataclasses.dataclass

@@ -24,14 +24,17 @@ from jaxdiff import store
 DEFAULTS = dict(config_lib.SCORES)
 
 
+# The registry's families the recorder computes, in order: "epoch" ones accumulate over training,
+# "final" ones come from the final state (point first: the others use its logits).
+FAMILIES = tuple(f for f in S.registry.FAMILIES.values() if f.stage in ("epoch", "final"))
 # Options whose scores are recorded epoch by epoch during training (fixed once trained).
-RECORDED_IN_TRAINING = ("minibatch", "vog", "snapshot_epochs", "save_history")
+RECORDED_IN_TRAINING = (*(o for f in FAMILIES if f.stage == "epoch" for o in f.options),
+                        "snapshot_epochs", "save_history")
 # Options computed from the final state -> the group of final scores they change (None: none).
-OPTION_GROUPS = {"grand": "grand", "grand_method": "grand", "representation": "representation",
-                 "knn_k": "representation", "num_prototypes": "representation",
+OPTION_GROUPS = {**{o: f.name for f in FAMILIES if f.stage == "final" for o in f.options},
                  "chunk_size": None}
-GROUP_SCORES = {"grand": ("grand",),
-                "representation": ("prediction_depth", "proto_supervised", "proto_selfsup")}
+GROUP_SCORES = {f.name: S.registry.names(f.name) for f in FAMILIES
+                if f.stage == "final" and f.switch}
 
 
 def validate(config: Mapping[str, Any], num_epochs: int | None = None) -> None:
@@ -67,8 +70,9 @@ class Recorder:
   """
 
   def __init__(self, config: Mapping[str, Any], engine, ds, num_runs: int,
-               workdir: str | None = None, member_ids: Any = None):
+               workdir: str | None = None, member_ids: Any = None, progress: bool = True):
     self.opts = {**DEFAULTS, **dict(config or {})}
+    self.progress = progress  # log each stage of `finalize` (absl INFO)
     self.member_ids = np.arange(num_runs) if member_ids is None else np.asarray(member_ids)
     self.engine = engine
     self.ds = ds
@@ -80,10 +84,14 @@ class Recorder:
     per_example = int(np.prod(ds.x_train.shape[1:]))
     vog = self.opts["vog"]
     self.vog = bool(vog) if vog != "auto" else num_runs * n * per_example * 16 < 2 * 2**30
+    # family -> computed (its `scores` switch on, "auto" VoG resolved).
+    self.enabled = {f.name: f.switch is None or bool(self.vog if f.switch == "vog"
+                                                     else self.opts[f.switch])
+                    for f in FAMILIES}
     self.state = {"epoch": S.EpochAccumulator.init(num_runs, n)}
-    if self.opts["minibatch"]:
+    if self.enabled["minibatch"]:
       self.state["minibatch"] = S.MinibatchForgetting.init(num_runs, n)
-    if self.vog:
+    if self.enabled["vog"]:
       self.state["vog"] = _vog_init(num_runs, n, per_example)
     # One apply function object, so the jitted score kernels compile once.
     self.apply_fn = engine.apply_fn
@@ -178,6 +186,41 @@ class Recorder:
   def _point(self, v, x, y, return_logits):
     return S.compute_point_scores(self.apply_fn, v, x, y, self.chunk, return_logits=return_logits)
 
+  # The final scores of each family after the point scores: (variables, logits [R, N, C], timer)
+  # -> {name: [R, N]} in natural orientation.
+
+  def _final_grand(self, v, logits, timer) -> dict[str, np.ndarray]:
+    del logits
+    out = {"grand": self._grand(v)}
+    timer("grand")
+    return out
+
+  def _final_trajectory(self, v, logits, timer) -> dict[str, np.ndarray]:
+    del v, logits, timer
+    return S.EpochAccumulator.finalize(self.state["epoch"])
+
+  def _final_minibatch(self, v, logits, timer) -> dict[str, np.ndarray]:
+    del v, logits, timer
+    return S.MinibatchForgetting.finalize(self.state["minibatch"])
+
+  def _final_vog(self, v, logits, timer) -> dict[str, np.ndarray]:
+    del v, logits, timer
+    return S.VoGAccumulator.finalize(dict(self.state["vog"]), self.ds.y_train)
+
+  def _final_representation(self, v, logits, timer) -> dict[str, np.ndarray]:
+    x, y = self.ds.x_train, self.ds.y_train
+    layers, _ = self._members(lambda vv: S.representation.features(
+        self.apply_fn, vv, x, self.chunk, include_input=True, return_logits=True), v)
+    timer("features")
+    out = {"prediction_depth": S.prediction_depth(layers, y, None, logits.argmax(-1),
+                                                  k=int(self.opts["knn_k"]),
+                                                  on_layer=timer.layer)}
+    timer("prediction_depth")
+    k = int(self.opts["num_prototypes"]) or self.ds.num_classes
+    out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
+    timer("prototypes")
+    return out
+
   def _grand(self, v) -> np.ndarray:
     # Member by member: per-example gradients as one plain vmap over a chunk (convolutions inside
     # lax.map are very slow on CPU).
@@ -199,33 +242,19 @@ class Recorder:
       (per-member scores `{name: float32 [R, N]}`, higher = harder (see `scores.NEGATED`), NaN for
        diverged members; ensemble scores `{name: [N]}` over the non-diverged members).
     """
+    families = [f.name for f in FAMILIES if f.name != "point" and self.enabled[f.name] and (
+        only is None if f.stage == "epoch" else only is None or f.name in only)]
+    timer = _Timer(["point", *(s for f in families for s in _STAGES.get(f, ()))], self.progress)
+    if self.progress:
+      logging.info("final scoring of %d examples x %d members: %s", self.ds.num_train,
+                   self.num_runs, ", ".join(timer.planned))
     v = self._variables(state)
-    x, y = self.ds.x_train, self.ds.y_train
-    timer = _Timer()
-    pts, logits = self._members(self._point, v, x, y, True)
+    pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
     self.final_logits = np.asarray(logits)
     timer("point")
     out = dict(pts)
-    wanted = lambda group: self.opts[group] and (only is None or group in only)
-    if wanted("grand"):
-      out["grand"] = self._grand(v)
-      timer("grand")
-    if only is None:
-      out.update(S.EpochAccumulator.finalize(self.state["epoch"]))
-      if "minibatch" in self.state:
-        out.update(S.MinibatchForgetting.finalize(self.state["minibatch"]))
-      if self.vog:
-        out.update(S.VoGAccumulator.finalize(dict(self.state["vog"]), y))
-    if wanted("representation"):
-      layers, _ = self._members(lambda vv: S.representation.features(
-          self.apply_fn, vv, x, self.chunk, include_input=True, return_logits=True), v)
-      timer("features")
-      out["prediction_depth"] = S.prediction_depth(layers, y, None, logits.argmax(-1),
-                                                   k=int(self.opts["knn_k"]))
-      timer("prediction_depth")
-      k = int(self.opts["num_prototypes"]) or self.ds.num_classes
-      out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
-      timer("prototypes")
+    for f in families:
+      out.update(getattr(self, f"_final_{f}")(v, logits, timer))
     self.timings = timer.times
     logging.info("final scoring times (s): %s", timer.times)
     diverged = np.asarray(state.diverged)
@@ -233,21 +262,41 @@ class Recorder:
     out = {k: np.where(diverged[:, None], np.nan, val).astype(np.float32) for k, val in out.items()}
     ok = ~diverged
     probs = np.asarray(jax.nn.softmax(logits[ok], axis=-1)) if ok.any() else None
-    ens = S.ensemble_scores(probs, y) if probs is not None else {}
+    ens = S.ensemble_scores(probs, self.ds.y_train) if probs is not None else {}
     return out, ens
 
 
-class _Timer:
-  """Wall time of consecutive phases (for the log and BENCHMARKS.md)."""
+# The timed stages of each family's `_final_*` (the others only read accumulators: instant).
+_STAGES = {"grand": ("grand",), "representation": ("features", "prediction_depth", "prototypes")}
 
-  def __init__(self):
+
+class _Timer:
+  """Wall time of consecutive stages (for the log and BENCHMARKS.md), and with `progress` a log
+  line per stage done (and per prediction-depth layer) with the time so far and what is left."""
+
+  def __init__(self, planned: list[str] = (), progress: bool = False):
     self.times = {}
-    self.t = time.perf_counter()
+    self.planned = list(planned)
+    self.progress = progress
+    self.t = self.start = time.perf_counter()
 
   def __call__(self, name):
     now = time.perf_counter()
     self.times[name] = round(now - self.t, 4)
     self.t = now
+    if self.progress:
+      left = [s for s in self.planned if s not in self.times]
+      logging.info("final scoring: %s done in %.1f s (%.1f s elapsed); left: %s", name,
+                   self.times[name], now - self.start, ", ".join(left) or "nothing")
+
+  def layer(self, done: int, total: int):
+    """Progress of prediction depth: `done` of `total` layers probed (top down)."""
+    if self.progress:
+      spent = time.perf_counter() - self.t
+      # Lower layers probe only the examples whose later probes agreed: an upper bound.
+      logging.info("final scoring: prediction_depth layer %d/%d probed (%.1f s in the stage); "
+                   "at most ~%.0f s left in it", done, total, spent,
+                   spent / done * (total - done))
 
 
 def _vog_init(num_runs, n, per_example):

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.scores import registry
+
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, dict]]
 
-# Names returned by `point_scores`, in a fixed order.
-POINT_SCORE_NAMES = ("loss", "correct", "p_y", "max_p", "entropy", "margin_prob", "margin_logit",
-                     "el2n")
+# Names returned by `point_scores`, in a fixed order: the registry's "point" family.
+POINT_SCORE_NAMES = registry.names("point")
 
 
 def point_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
