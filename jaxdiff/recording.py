@@ -70,8 +70,9 @@ class Recorder:
   """
 
   def __init__(self, config: Mapping[str, Any], engine, ds, num_runs: int,
-               workdir: str | None = None, member_ids: Any = None):
+               workdir: str | None = None, member_ids: Any = None, progress: bool = True):
     self.opts = {**DEFAULTS, **dict(config or {})}
+    self.progress = progress  # log each stage of `finalize` (absl INFO)
     self.member_ids = np.arange(num_runs) if member_ids is None else np.asarray(member_ids)
     self.engine = engine
     self.ds = ds
@@ -212,7 +213,8 @@ class Recorder:
         self.apply_fn, vv, x, self.chunk, include_input=True, return_logits=True), v)
     timer("features")
     out = {"prediction_depth": S.prediction_depth(layers, y, None, logits.argmax(-1),
-                                                  k=int(self.opts["knn_k"]))}
+                                                  k=int(self.opts["knn_k"]),
+                                                  on_layer=timer.layer)}
     timer("prediction_depth")
     k = int(self.opts["num_prototypes"]) or self.ds.num_classes
     out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
@@ -240,16 +242,19 @@ class Recorder:
       (per-member scores `{name: float32 [R, N]}`, higher = harder (see `scores.NEGATED`), NaN for
        diverged members; ensemble scores `{name: [N]}` over the non-diverged members).
     """
+    families = [f.name for f in FAMILIES if f.name != "point" and self.enabled[f.name] and (
+        only is None if f.stage == "epoch" else only is None or f.name in only)]
+    timer = _Timer(["point", *(s for f in families for s in _STAGES.get(f, ()))], self.progress)
+    if self.progress:
+      logging.info("final scoring of %d examples x %d members: %s", self.ds.num_train,
+                   self.num_runs, ", ".join(timer.planned))
     v = self._variables(state)
-    timer = _Timer()
     pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
     self.final_logits = np.asarray(logits)
     timer("point")
     out = dict(pts)
-    for f in FAMILIES:
-      if f.name != "point" and self.enabled[f.name] and (
-          only is None if f.stage == "epoch" else only is None or f.name in only):
-        out.update(getattr(self, f"_final_{f.name}")(v, logits, timer))
+    for f in families:
+      out.update(getattr(self, f"_final_{f}")(v, logits, timer))
     self.timings = timer.times
     logging.info("final scoring times (s): %s", timer.times)
     diverged = np.asarray(state.diverged)
@@ -261,17 +266,37 @@ class Recorder:
     return out, ens
 
 
-class _Timer:
-  """Wall time of consecutive phases (for the log and BENCHMARKS.md)."""
+# The timed stages of each family's `_final_*` (the others only read accumulators: instant).
+_STAGES = {"grand": ("grand",), "representation": ("features", "prediction_depth", "prototypes")}
 
-  def __init__(self):
+
+class _Timer:
+  """Wall time of consecutive stages (for the log and BENCHMARKS.md), and with `progress` a log
+  line per stage done (and per prediction-depth layer) with the time so far and what is left."""
+
+  def __init__(self, planned: list[str] = (), progress: bool = False):
     self.times = {}
-    self.t = time.perf_counter()
+    self.planned = list(planned)
+    self.progress = progress
+    self.t = self.start = time.perf_counter()
 
   def __call__(self, name):
     now = time.perf_counter()
     self.times[name] = round(now - self.t, 4)
     self.t = now
+    if self.progress:
+      left = [s for s in self.planned if s not in self.times]
+      logging.info("final scoring: %s done in %.1f s (%.1f s elapsed); left: %s", name,
+                   self.times[name], now - self.start, ", ".join(left) or "nothing")
+
+  def layer(self, done: int, total: int):
+    """Progress of prediction depth: `done` of `total` layers probed (top down)."""
+    if self.progress:
+      spent = time.perf_counter() - self.t
+      # Lower layers probe only the examples whose later probes agreed: an upper bound.
+      logging.info("final scoring: prediction_depth layer %d/%d probed (%.1f s in the stage); "
+                   "at most ~%.0f s left in it", done, total, spent,
+                   spent / done * (total - done))
 
 
 def _vog_init(num_runs, n, per_example):

@@ -8,7 +8,7 @@ block, a running top-k), so that memory stays bounded at any number of training 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +240,8 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 def prediction_depth(train_features: Sequence[Any], train_labels: Any,
                      query_features: Sequence[Any] | None, final_pred: Any, k: int = 30,
                      exclude_self: bool | None = None, chunk_size: int = 256,
-                     block_size: int = 4096) -> np.ndarray:
+                     block_size: int = 4096,
+                     on_layer: Callable[[int, int], None] | None = None) -> np.ndarray:
   """Prediction depth (Baldock, Maennel & Neyshabur 2021, "Deep Learning Through the Lens of
   Example Difficulty").
 
@@ -266,6 +267,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       examples in order). Default: True when `query_features` is None or is `train_features`.
     chunk_size: queries per distance block.
     block_size: training examples per distance block (see `knn_predict`).
+    on_layer: called as `on_layer(layers_done, L)` after each layer's probes (for progress).
 
   Returns:
     float32 `[R, M]` in [0, L].
@@ -316,6 +318,8 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       preds[r, union] = preds[0, union]
     suffix += active & (preds == final_pred)
     above = (tf, qf, preds)
+    if on_layer is not None:
+      on_layer(num_layers - layer, num_layers)
   return (num_layers - suffix).astype(np.float32)
 
 
