@@ -22,6 +22,7 @@ def test_every_entry_is_documented_oriented_referenced_and_tested(entry):
   assert entry.paper.strip()  # a paper, registry.STANDARD or registry.BOOKKEEPING
   assert entry.higher in (registry.HARDER, registry.EASIER, registry.NEITHER)
   assert entry.negated == (entry.higher == registry.EASIER)
+  assert (entry.kernel is not None) == (entry.family == "point")  # point scores: their kernel
   if entry.bookkeeping:
     assert entry.higher == registry.NEITHER
   path, _, test = entry.test.partition("::")

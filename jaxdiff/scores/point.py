@@ -7,7 +7,7 @@ stacked ensemble on a training set in fixed-size jitted chunks, returning numpy 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,29 +21,23 @@ ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, dict]]
 POINT_SCORE_NAMES = registry.names("point")
 
 
-def point_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-  """Per-example scores of one prediction; pure jnp, jit- and vmap-friendly.
+class Parts(NamedTuple):
+  """What the point kernels of the registry share, for logits `[..., C]` and labels `[...]`
+  (p = softmax(z), y the label; every field float32 `[...]` unless shaped `[..., C]`)."""
+  z: jax.Array          # logits [..., C]
+  labels: jax.Array     # int [...]
+  logp: jax.Array       # log softmax [..., C]
+  p: jax.Array          # softmax [..., C]
+  onehot: jax.Array     # bool [..., C], True at y
+  logp_y: jax.Array     # log p_y
+  z_y: jax.Array        # z_y
+  p_y: jax.Array        # p_y
+  p_other: jax.Array    # max_{c != y} p_c
+  z_other: jax.Array    # max_{c != y} z_c
 
-  With p = softmax(z) and y the label:
-    loss:         cross-entropy -log p_y.
-    correct:      1.0 if argmax_c z_c == y else 0.0 (ties go to the lowest class index, as argmax).
-    p_y:          confidence in the label p_y (Swayamdipta et al. 2020 average it over epochs).
-    max_p:        max_c p_c.
-    entropy:      predictive entropy -sum_c p_c log p_c (nats).
-    margin_prob:  p_y - max_{c != y} p_c (Toneva et al. 2019 record this margin).
-    margin_logit: z_y - max_{c != y} z_c, the margin whose training average is AUM (Pleiss et al.
-                  2020, "Identifying Mislabeled Data using the Area Under the Margin Ranking").
-    el2n:         ||p - onehot(y)||_2 (Paul et al. 2021, "Deep Learning on a Data Diet").
 
-  Natural orientation (not "higher is harder"; see `jaxdiff.scores.orient`).
-
-  Args:
-    logits: float `[..., C]` with C >= 2.
-    labels: int `[...]` in [0, C).
-
-  Returns:
-    name -> float32 `[...]` for every name in `POINT_SCORE_NAMES`.
-  """
+def parts(logits: jax.Array, labels: jax.Array) -> Parts:
+  """The shared quantities of one prediction (validated shapes, at least 2 classes)."""
   z = jnp.asarray(logits, jnp.float32)
   num_classes = z.shape[-1]
   if num_classes < 2:
@@ -57,22 +51,30 @@ def point_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
   y_idx = labels[..., None].astype(jnp.int32)
   logp_y = jnp.take_along_axis(logp, y_idx, axis=-1)[..., 0]
   z_y = jnp.take_along_axis(z, y_idx, axis=-1)[..., 0]
-  p_y = jnp.exp(logp_y)
-  p_other = jnp.max(jnp.where(onehot, -jnp.inf, p), axis=-1)
-  z_other = jnp.max(jnp.where(onehot, -jnp.inf, z), axis=-1)
-  # p * logp is 0 where p underflows to 0 (logp stays finite from log_softmax, but be explicit).
-  entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-  el2n = jnp.sqrt(jnp.sum(jnp.square(p - onehot.astype(jnp.float32)), axis=-1))
-  return {
-      "loss": -logp_y,
-      "correct": (jnp.argmax(z, axis=-1) == labels).astype(jnp.float32),
-      "p_y": p_y,
-      "max_p": jnp.max(p, axis=-1),
-      "entropy": entropy,
-      "margin_prob": p_y - p_other,
-      "margin_logit": z_y - z_other,
-      "el2n": el2n,
-  }
+  return Parts(z=z, labels=labels, logp=logp, p=p, onehot=onehot, logp_y=logp_y, z_y=z_y,
+               p_y=jnp.exp(logp_y), p_other=jnp.max(jnp.where(onehot, -jnp.inf, p), axis=-1),
+               z_other=jnp.max(jnp.where(onehot, -jnp.inf, z), axis=-1))
+
+
+def point_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Per-example scores of one prediction: every kernel of the registry's "point" family.
+
+  Pure jnp, jit- and vmap-friendly. Each score's formula and paper are its registry entry
+  (`scores.registry.REGISTRY`): loss -log p_y, correct (argmax ties -> lowest class), p_y, max_p,
+  entropy (nats), margin_prob p_y - max_{c != y} p_c (Toneva et al. 2019), margin_logit
+  z_y - max_{c != y} z_c (averaged over training it is AUM, Pleiss et al. 2020), el2n
+  ||p - onehot(y)||_2 (Paul et al. 2021). Natural orientation (not "higher is harder"; see
+  `jaxdiff.scores.orient`).
+
+  Args:
+    logits: float `[..., C]` with C >= 2.
+    labels: int `[...]` in [0, C).
+
+  Returns:
+    name -> float32 `[...]` for every name in `POINT_SCORE_NAMES`.
+  """
+  q = parts(logits, labels)
+  return {name: registry.ENTRIES[name].kernel(q) for name in POINT_SCORE_NAMES}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -9,8 +9,9 @@ groups and the held-out tables' names are computed from them, never listed by ha
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -76,6 +77,9 @@ class Score:
     higher: what a higher natural value means: `HARDER`, `EASIER` (stored negated so that higher
       is harder) or `NEITHER` (not monotone in difficulty, or bookkeeping: stored as it is).
     test: "tests/<file>.py::<test function>" comparing it with a reference.
+    kernel: for a point score, `kernel(parts) -> [...]` of `point.Parts` (the softmax, p_y,
+      margins, ... of one prediction; pure jnp); None for scores computed by their family's
+      producer.
   """
   name: str
   family: str
@@ -83,6 +87,7 @@ class Score:
   paper: str
   higher: str
   test: str
+  kernel: Callable[[Any], Any] | None = None
 
   @property
   def negated(self) -> bool:
@@ -111,24 +116,29 @@ _CL = "Northcutt, Jiang & Chuang 2021, Confident Learning"
 
 
 def _entries(family: str, rows) -> tuple[Score, ...]:
-  return tuple(Score(name, family, definition, paper, higher, test)
-               for name, definition, paper, higher, test in rows)
+  return tuple(Score(row[0], family, *row[1:]) for row in rows)
 
 
 REGISTRY: tuple[Score, ...] = (
     *_entries("point", (
         ("loss", "cross-entropy -log p_y of the member's softmax p at this step", STANDARD,
-         HARDER, _PT),
+         HARDER, _PT, lambda q: -q.logp_y),
         ("correct", "0-1 correctness 1[argmax_c z_c = y] (ties -> lowest class)", STANDARD,
-         EASIER, _PT),
-        ("p_y", "confidence in the label, softmax probability p_y", _CARTO, EASIER, _PT),
-        ("max_p", "maximum softmax probability max_c p_c", STANDARD, EASIER, _PT),
-        ("entropy", "predictive entropy -sum_c p_c log p_c (nats)", STANDARD, HARDER, _PT),
-        ("margin_prob", "margin on probabilities p_y - max_{c != y} p_c", _TONEVA, EASIER, _PT),
+         EASIER, _PT, lambda q: (jnp.argmax(q.z, axis=-1) == q.labels).astype(jnp.float32)),
+        ("p_y", "confidence in the label, softmax probability p_y", _CARTO, EASIER, _PT,
+         lambda q: q.p_y),
+        ("max_p", "maximum softmax probability max_c p_c", STANDARD, EASIER, _PT,
+         lambda q: jnp.max(q.p, axis=-1)),
+        # p * logp is 0 where p underflows to 0 (logp stays finite from log_softmax).
+        ("entropy", "predictive entropy -sum_c p_c log p_c (nats)", STANDARD, HARDER, _PT,
+         lambda q: -jnp.sum(jnp.where(q.p > 0, q.p * q.logp, 0.0), axis=-1)),
+        ("margin_prob", "margin on probabilities p_y - max_{c != y} p_c", _TONEVA, EASIER, _PT,
+         lambda q: q.p_y - q.p_other),
         ("margin_logit", "margin on logits z_y - max_{c != y} z_c (the margin of AUM, Pleiss et "
-         "al. 2020)", _AUM, EASIER, _PT),
+         "al. 2020)", _AUM, EASIER, _PT, lambda q: q.z_y - q.z_other),
         ("el2n", "EL2N ||softmax(z) - onehot(y)||_2 (Paul et al. 2021, Deep Learning on a Data "
-         "Diet)", _DIET, HARDER, _PT),
+         "Diet)", _DIET, HARDER, _PT,
+         lambda q: jnp.sqrt(jnp.sum(jnp.square(q.p - q.onehot.astype(jnp.float32)), axis=-1))),
     )),
     *_entries("grand", (
         ("grand", "GraNd ||grad_theta CE(f_theta(x), y)||_2 over all params (Paul et al. 2021)",
