@@ -304,7 +304,7 @@ def setup(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray] | 
   scales = list(config.optim.get("member_lr_scale", ()) or ())
   state = engine.init(init_keys, ds.x_train[:1], np.asarray(scales) if scales else None)
   recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir,
-                                member_ids=member_ids)
+                                member_ids=member_ids, progress=bool(config.get("progress", True)))
   recorder.state = engine.place(recorder.state, num_runs)
   return Run(config=config, ds=ds, model=model, engine=engine, member_ids=member_ids,
              fractions=fractions, subset_mask=subset_mask, steps_per_epoch=steps_per_epoch,
