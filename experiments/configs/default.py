@@ -2,7 +2,7 @@
 
   python experiments/train.py --config=experiments/configs/default.py --workdir=/tmp/jaxdiff/mlp
 
-Expected: 1-2.5 min on a 2-core CPU (2 min 27 s measured, scoring included, on a shared, busy
+Expected: 37 s on a quiet 2-core CPU (measured, scoring included; 2 min 27 s on a busy shared
 machine); test accuracy 67.0% +- 1.2% over the 16 members, the MNIST-1D
 paper's MLP figure being 68%.
 """
