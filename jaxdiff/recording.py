@@ -8,7 +8,6 @@ Its `state` is a pytree of arrays, checkpointed with the model so that resuming 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Mapping
 
@@ -19,6 +18,7 @@ import numpy as np
 from jaxdiff import config as config_lib
 from jaxdiff import scores as S
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
 
 # Default recording options (the `scores` config section), from the one defaults table.
 DEFAULTS = dict(config_lib.SCORES)
@@ -165,7 +165,7 @@ class Recorder:
       snaps = self._snapshot(v, pts, epoch)
     if snaps and self.workdir:
       for name, value in snaps.items():
-        store.atomic_save_npy(os.path.join(self.workdir, "snapshots", f"{name}.npy"), value)
+        store.atomic_save_npy(workdir_lib.snapshot_file(self.workdir, name), value)
     diverged = np.asarray(state.diverged)
     mb_loss = np.asarray(seen["loss"]).mean((1, 2))
     mb_acc = np.asarray(seen["correct"]).mean((1, 2))
@@ -311,5 +311,5 @@ def _save_history(workdir, epoch, logits):
   import io  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   np.savez(buf, logits=np.asarray(logits, np.float32))
-  store.atomic_write_bytes(os.path.join(workdir, "history", f"epoch_{epoch:04d}.npz"),
+  store.atomic_write_bytes(workdir_lib.history_file(workdir, epoch),
                            buf.getvalue())

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from typing import Any, Mapping
@@ -428,7 +427,7 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
   meta["orientation"] = ("higher is harder: scores whose natural value is higher-is-easier are "
                          "stored negated (listed in 'negated')")
   # Scores at other epochs (`loss_e10`, experiments/score.py) keep their score's orientation.
-  meta["negated"] = sorted(k for k in final if re.sub(r"_e\d+$", "", k) in scores_lib.NEGATED)
+  meta["negated"] = sorted(k for k in final if scores_lib.registry.is_negated(k))
   if workdir_lib.scores_complete(workdir):  # kept: what experiments/score.py recorded of its scores
     old_meta = workdir_lib.load_scores(workdir).meta
     meta.update({k: old_meta[k] for k in ("posthoc", "definitions") if k in old_meta})

@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from jaxdiff import scores as scores_lib
 from jaxdiff import store
 from jaxdiff.workdir import load_workdirs  # pylint: disable=unused-import (re-exported)
 from jaxdiff.analysis import agreement, correlation, reliability, sensitivity
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 # Files in a score folder that are bookkeeping, not difficulty scores.
-NOT_SCORES = frozenset({"mb_presentations"})
+NOT_SCORES = frozenset(scores_lib.BOOKKEEPING)  # bookkeeping files, not scores
 
 
 def score_problems(sets: Mapping[str, store.ScoreSet], names: Sequence[str]) -> dict[str, str]:
