@@ -7,10 +7,10 @@ Six architectures (MLP, CNN, wide CNN, deep CNN, ResNet-8 with and without skip 
 VoG, then the analysis, the fingerprint, and the pruning experiment (CNN ensembles of 4 seeds
 retrained on 16 pruned training sets). Rerunning the same command resumes.
 
-Expected runtime: 18 minutes, measured on a shared 2-core CPU under load average 2-4.5 (training
-14 min, of which the two ResNets 8.4; analysis 0.5; fingerprint 0.5; pruning 3); 23 minutes on a
-busier machine. The report of that run is results/study_mnist1d/report.md. Test accuracy: MLP 64%,
-CNNs 88-91%, ResNets 95-97%.
+Expected runtime: 9 minutes, measured on a quiet 2-core CPU on 2026-12-02 (training 7 min, of
+which the two ResNets 3.4; analysis 0.3; fingerprint 0.3; pruning 1.4); 18 minutes measured
+earlier on a shared CPU. The report of that run is results/study_mnist1d/report.md. Test accuracy:
+MLP 64%, CNNs 88-91%, ResNets 94-96%.
 """
 
 import ml_collections
