@@ -26,10 +26,19 @@ TINY_FLAGS = ("--config.num_epochs=6", "--config.data.num_samples=500",
               "--config.model.width=16", "--config.batch_size=50", "--config.checkpoint_every=1",
               "--config.progress=False")
 # How the members lie on devices. "split": what users run, the default CPU split (one JAX device
-# per core) with an even member count, so the runs axis is sharded over 2 devices; "single": one
-# device (an odd member count on one CPU device).
-LAYOUTS = {"split": ("--config.num_runs=4",),
+# per core) with the quick start's 16 members, so the runs axis is sharded over 2 devices (8
+# members each: one member chunk per device; fewer than 9 members would share one device);
+# "single": one device (3 members, cpu_devices=1).
+LAYOUTS = {"split": ("--config.num_runs=16",),
            "single": ("--config.num_runs=3", "--config.cpu_devices=1")}
+
+
+def checkpoint_devices(workdir: str, step: int) -> set[int]:
+  """The device ids the parameters of checkpoint `step` were laid out on (Orbax's _sharding)."""
+  with open(os.path.join(workdir, "checkpoints", str(step), "default", "_sharding")) as f:
+    shardings = json.load(f)
+  return {d["id"] for spec in shardings.values()
+          for d in json.loads(spec).get("device_mesh", {}).get("mesh", [])}
 ORBAX_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 TMP_NAME = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")  # store.atomic_write_bytes' temporaries
 

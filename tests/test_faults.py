@@ -40,9 +40,11 @@ def _finished_run(tmp_path_factory, cache_dir, layout, name, hash_seed, watch=No
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
-  """One uninterrupted run of the tiny job with the default device split, 4 members sharded over
+  """One uninterrupted run of the tiny job with the default device split, 16 members sharded over
   2 CPU devices (it also fills the compilation cache)."""
-  return _finished_run(tmp_path_factory, cache_dir, "split", "reference", 1)[0]
+  wd = _finished_run(tmp_path_factory, cache_dir, "split", "reference", 1)[0]
+  assert kh.checkpoint_devices(wd, 6) == {0, 1}  # really sharded over both devices
+  return wd
 
 
 @pytest.fixture(scope="module")
