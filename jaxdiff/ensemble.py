@@ -463,7 +463,7 @@ class Engine:
     """Evaluation logits of every member on every example, in fixed-size jitted chunks.
 
     Returns:
-      float32 `[R, N, C]`.
+      float32 `[R, N, C]` (a NumPy array where members are vmapped).
     """
     n = x.shape[0]
     chunk = min(chunk_size, n)
@@ -484,10 +484,12 @@ class Engine:
             [fn(v, xp[i * chunk:(i + 1) * chunk]) for i in range(num_chunks)]))
       out = jnp.stack(per_member)
     else:
+      # The training's member chunks (map_members): a member's logits do not depend on the
+      # ensemble around it, as its scores do not.
       fn = self._get("eval_vmap", lambda: jax.jit(
           jax.vmap(lambda v, xc: self.apply_fn(v, xc)[0], in_axes=(0, None))))
-      out = jnp.concatenate([fn(variables, xp[i * chunk:(i + 1) * chunk])
-                             for i in range(num_chunks)], axis=1)
+      out = self.map_members(lambda v: jnp.concatenate(
+          [fn(v, xp[i * chunk:(i + 1) * chunk]) for i in range(num_chunks)], axis=1), variables)
     return out[:, :n]
 
 

@@ -429,7 +429,7 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
   # Scores at other epochs (`loss_e10`, experiments/score.py) keep their score's orientation.
   meta["negated"] = sorted(k for k in final if scores_lib.registry.is_negated(k))
   if workdir_lib.scores_complete(workdir):  # kept: what experiments/score.py recorded of its scores
-    old_meta = workdir_lib.load_scores(workdir).meta
+    old_meta = store.read_meta(workdir_lib.scores_dir(workdir))  # the meta alone, no arrays
     meta.update({k: old_meta[k] for k in ("posthoc", "definitions") if k in old_meta})
   store.save_scores(workdir_lib.scores_dir(workdir), dict(final), example_ids=ds.example_ids,
                     labels=ds.y_train, meta=meta)
