@@ -367,7 +367,7 @@ def test_most_sensitive_ids_follow_the_gallery_ranking(tmp_path):
   out = str(tmp_path / "analysis")
   res = analysis.analyze(sets, num_draws=2, kendall_draws=0, methods=("spearman",), top_m=10)
   analysis_report.write_report(res, out, figures=False)
-  se = study.sensitivity_findings(sets, "loss", out, 0.05)
+  se = study.sensitivity_findings(sets, "loss", study.load_analysis(out), 0.05)
   table = res.tables["sensitive_examples"]
   welch = table[(table.score == "loss") & (table.group == "most")].example_id.tolist()
   assert se["most_sensitive_ids"] == welch[:10]
@@ -379,8 +379,8 @@ def test_most_sensitive_ids_follow_the_gallery_ranking(tmp_path):
 
 def test_findings_from_the_analysis_in_memory_equal_those_read_from_its_files(tmp_path):
   # A study reads its findings from the `Analysis` in memory when the stage ran, and from the
-  # written tables when it was up to date: both must give the same numbers (the files are the
-  # reference, the path every study took before).
+  # one it loads back from the written files when it was up to date: both must give the same
+  # numbers.
   from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
   from jaxdiff.report import study as study_report  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(4)
@@ -399,7 +399,49 @@ def test_findings_from_the_analysis_in_memory_equal_those_read_from_its_files(tm
   analysis_report.write_report(res, out, figures=False)
   as_json = lambda f: json.dumps(study_report._json_ready(f), sort_keys=True)
   archs = list(sets)
+  loaded = study.load_analysis(out)
   for fn in (study.reliability_findings, study.agreement_findings):
-    assert as_json(fn(res, "el2n", archs)) == as_json(fn(out, "el2n", archs)), fn.__name__
+    assert as_json(fn(res, "el2n", archs)) == as_json(fn(loaded, "el2n", archs)), fn.__name__
   assert (as_json(study.sensitivity_findings(sets, "el2n", res, 0.05))
-          == as_json(study.sensitivity_findings(sets, "el2n", out, 0.05)))
+          == as_json(study.sensitivity_findings(sets, "el2n", loaded, 0.05)))
+
+
+def test_load_analysis_gives_back_what_analyze_computed(tmp_path):
+  # The stage cache's one loader: a written analysis read back is the same object type with the
+  # same tables, per-pair sensitivity and agreement as the `Analysis` that was written.
+  from jaxdiff import analysis  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  n, runs = 120, 5
+  sets = {a: store.ScoreSet(scores={k: (rng.standard_normal((runs, n)) + i).astype(np.float32)
+                                    for k in ("loss", "el2n", "aum")},
+                            example_ids=np.arange(n) + 7, labels=np.arange(n) % 4,
+                            meta=dict(num_runs=runs))
+          for i, a in enumerate(("mlp", "cnn"))}
+  res = analysis.analyze(sets, num_draws=3, kendall_draws=0, methods=("pearson", "spearman"),
+                         top_m=10)
+  out = str(tmp_path / "analysis")
+  analysis_report.write_report(res, out, figures=False)
+  got = study.load_analysis(out)
+  assert isinstance(got, analysis.Analysis) and got.primary_score == res.primary_score
+  assert got.settings == res.settings and got.dropped == res.dropped
+  np.testing.assert_array_equal(got.example_ids, res.example_ids)
+  np.testing.assert_array_equal(got.labels, res.labels)
+  for name, df in res.tables.items():  # CSV keeps no None or "": both come back as NaN
+    pd.testing.assert_frame_equal(got.tables[name], df.replace({None: np.nan, "": np.nan}),
+                                  check_dtype=False, obj=name)
+  for score, want in res.sensitivity.items():
+    have = got.sensitivity[score]
+    assert have.pairs == want.pairs and have.archs == want.archs
+    for field in ("t", "df", "log10_p", "mean_diff", "hedges_g"):
+      np.testing.assert_array_equal(getattr(have, field), getattr(want, field), err_msg=field)
+    np.testing.assert_array_equal(have.bh(), want.bh())
+    np.testing.assert_array_equal(have.ranking(), want.ranking())
+  for a, want in res.agreement.items():
+    have = got.agreement[a]
+    assert have["names"] == want["names"]
+    for m in want["corr"]:
+      np.testing.assert_allclose(have["corr"][m], want["corr"][m], rtol=1e-15)
+    for m in want["pca"]:
+      np.testing.assert_allclose(have["pca"][m].shares, want["pca"][m].shares, rtol=1e-15)
+      assert have["pca"][m].names == want["pca"][m].names
+    assert set(have["overlap"]) == set(want["overlap"])

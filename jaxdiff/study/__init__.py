@@ -26,11 +26,12 @@ Layout of a study workdir::
 from jaxdiff.report.study import SECTIONS, summary_lines
 from jaxdiff.study.config import (StudyError, arch_config, arch_names, check_study_workdir,
                                   model_label, validate_config)
-from jaxdiff.study.findings import (AnalysisTables, agreement_findings, final_accuracy,
+from jaxdiff.study.findings import (agreement_findings, final_accuracy,
                                     fingerprint_findings, load_findings, pruning_findings,
                                     reliability_findings, sensitivity_findings, study_findings)
 from jaxdiff.study.run import run_study
 from jaxdiff.study.scores import NOT_SCORES, PRIMARY_PREFERENCE, choose_score, usable_scores
 from jaxdiff.study.stages import (add_timing, arch_workdir, enable_compilation_cache,
-                                  find_workdirs, is_trained, load_sets, read_timings,
+                                  find_workdirs, is_trained, load_analysis,
+                                  load_fingerprint_report, load_sets, read_timings,
                                   run_analysis, run_fingerprint, run_pruning_stage, train_archs)

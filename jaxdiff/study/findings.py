@@ -1,70 +1,28 @@
-"""The study's findings, computed from the analysis, fingerprint and pruning results.
+"""The study's findings, computed from the objects the stages return.
 
-Each `*_findings` returns a dict of the numbers its report section states. They read the analysis
-through `AnalysisTables`: the `Analysis` in memory when the stage ran in this invocation, its
-written tables when the stage was up to date (a resumed study), the same tables either way.
+Each `*_findings` returns a dict of the numbers its report section states, from the `Analysis`
+(`analysis.analyze`, or `stages.load_analysis` when the stage was up to date: the same object
+type either way), the fingerprint's `Report` and the pruning results.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Sequence
 
 import ml_collections
 import numpy as np
 import pandas as pd
 
+from jaxdiff import fingerprint as fingerprint_lib
 from jaxdiff import pruning
 from jaxdiff import store
-from jaxdiff.analysis import report as analysis_lib
+from jaxdiff.analysis import Analysis
 from jaxdiff.fingerprint import selection
-from jaxdiff.report.tables import pct, safe_name
+from jaxdiff.report.tables import pct
 from jaxdiff.study.config import StudyError, model_label
-
-
-@dataclasses.dataclass
-class AnalysisTables:
-  """The analysis results the findings read: tables by name and, per score, the per-example
-  sensitivity arrays (bh, bonferroni: bool `[P, N]`; hedges_g: `[P, N]`; pairs: `[P]` "a vs b").
-
-  Built from an `Analysis` in memory (`of(analysis)`), or from the folder that
-  `report.analysis.write_report` wrote (`of(path)`: tables/<name>.csv and
-  per_example/sensitivity_<score>.npz, read on first use).
-  """
-  directory: str | None = None
-  tables: dict = dataclasses.field(default_factory=dict)
-  sensitivity: dict = dataclasses.field(default_factory=dict)
-
-  @classmethod
-  def of(cls, analysis: "AnalysisSource") -> "AnalysisTables":
-    if isinstance(analysis, AnalysisTables):
-      return analysis
-    if isinstance(analysis, str):
-      return cls(directory=analysis)
-    return cls(tables=dict(analysis.tables), sensitivity={
-        score: dict(bh=res.bh(), bonferroni=res.bonferroni(), hedges_g=res.hedges_g,
-                    pairs=[f"{a} vs {b}" for a, b in res.pairs])
-        for score, res in analysis.sensitivity.items()})
-
-  def table(self, name: str) -> pd.DataFrame:
-    if name not in self.tables:
-      self.tables[name] = pd.read_csv(os.path.join(self.directory, "tables", f"{name}.csv"))
-    return self.tables[name]
-
-  def per_example_sensitivity(self, score: str) -> dict:
-    if score not in self.sensitivity:
-      path = os.path.join(self.directory, "per_example", f"sensitivity_{safe_name(score)}.npz")
-      with np.load(path) as z:
-        self.sensitivity[score] = dict(bh=z["bh"], bonferroni=z["bonferroni"],
-                                       hedges_g=z["hedges_g"], pairs=[str(p) for p in z["pairs"]])
-    return self.sensitivity[score]
-
-
-# An `Analysis`, an analysis report folder, or the tables read from either.
-AnalysisSource = Union[analysis_lib.Analysis, str, AnalysisTables]
 
 
 def final_accuracy(wd: str) -> dict:
@@ -76,12 +34,12 @@ def final_accuracy(wd: str) -> dict:
               else float("nan"), epochs=int(acc.epoch.iloc[0]), diverged=int(acc.diverged.sum()))
 
 
-def reliability_findings(analysis: AnalysisSource, primary: str, archs: Sequence[str],
+def reliability_findings(analysis: Analysis, primary: str, archs: Sequence[str],
                          targets: Sequence[float] = (0.9, 0.95)) -> dict:
-  """Finding 1 from the analysis tables: split-half Spearman of single runs and n-run means, and
-  runs needed (Spearman-Brown from the single-run value, and as measured), per architecture."""
-  tables = AnalysisTables.of(analysis)
-  rel, need = tables.table("reliability"), tables.table("runs_needed")
+  """Finding 1 from the analysis' reliability and runs-needed tables: split-half Spearman of
+  single runs and n-run means, and runs needed (Spearman-Brown from the single-run value, and as
+  measured), per architecture."""
+  rel, need = analysis.tables["reliability"], analysis.tables["runs_needed"]
   sp = rel[(rel.measure == "split") & (rel.metric == "spearman")]
   per_arch, all_scores = {}, []
   for a in archs:
@@ -118,28 +76,25 @@ def reliability_findings(analysis: AnalysisSource, primary: str, archs: Sequence
               all_scores=all_df)
 
 
-def agreement_findings(analysis: AnalysisSource, primary: str, archs: Sequence[str]) -> dict:
+def agreement_findings(analysis: Analysis, primary: str, archs: Sequence[str]) -> dict:
   """Finding 2: first principal component's share of the Spearman correlation matrix of the
-  run-averaged scores, per architecture, and the correlation matrix averaged over architectures."""
-  tables = AnalysisTables.of(analysis)
-  pca, corr = tables.table("pca"), tables.table("correlation")
-  pc1 = pca[(pca.method == "spearman") & (pca.component == 1)]
+  run-averaged scores, per architecture, and the correlation matrix averaged over architectures
+  (`Analysis.agreement`; each architecture's matrix in the first one's score order)."""
   per_arch = {}
   mats = []
   names = None
   for a in archs:
-    r = pc1[pc1.arch == a]
-    c = corr[(corr.arch == a) & (corr.method == "spearman")]
-    if r.empty or c.empty:
+    res = analysis.agreement.get(a)
+    if res is None or "spearman" not in res["corr"] or "spearman" not in res["pca"]:
       continue
-    piv = c.pivot(index="score_a", columns="score_b", values="value")
-    names = names or list(piv.index)
-    m = piv.loc[names, names].to_numpy()
+    names = names or list(res["names"])
+    pos = [list(res["names"]).index(n) for n in names]
+    m = res["corr"]["spearman"][np.ix_(pos, pos)]
     mats.append(m)
     k = len(names)
     off = m[~np.eye(k, dtype=bool)]
-    per_arch[a] = dict(pc1_share=float(r.share.iloc[0]), num_scores=int(pca[
-        (pca.arch == a) & (pca.method == "spearman")].component.max()),
+    shares = res["pca"]["spearman"].shares
+    per_arch[a] = dict(pc1_share=float(shares[0]), num_scores=len(shares),
                        mean_abs_corr=float(np.nanmean(np.abs(off))))
   if not mats:
     return dict(archs={}, names=[], mean_corr=None)
@@ -156,7 +111,7 @@ def agreement_findings(analysis: AnalysisSource, primary: str, archs: Sequence[s
 
 
 def sensitivity_findings(sets: Mapping[str, store.ScoreSet], score: str,
-                         analysis: AnalysisSource, alpha: float) -> dict:
+                         analysis: Analysis, alpha: float) -> dict:
   """Finding 3: architecture-sensitive examples for `score`.
 
   Counts (a) examples whose mean score differs across all architectures by a one-way ANOVA F-test
@@ -166,33 +121,29 @@ def sensitivity_findings(sets: Mapping[str, store.ScoreSet], score: str,
   |Hedges' g| over pairs of each sensitive example. The most sensitive example ids are the
   analysis' ranking (largest -log10 p of the pairwise Welch tests), the one its gallery shows.
   """
-  tables = AnalysisTables.of(analysis)
   archs = list(sets)
   x = np.concatenate([sets[a].get(score) for a in archs]).astype(np.float64)
   y = np.concatenate([np.full(int(sets[a].valid_runs.sum()), i) for i, a in enumerate(archs)])
   n = x.shape[1]
   log_p, f_stat = selection.anova_log_pvalues(x, y)
   anova_sig = log_p < math.log(alpha / n)
-  counts = tables.table("sensitivity_counts")
-  counts = counts[counts.score == score]
-  per_pair = tables.per_example_sensitivity(score)
-  bh, bonf, g, pairs = (per_pair["bh"], per_pair["bonferroni"], per_pair["hedges_g"],
-                        per_pair["pairs"])
+  res = analysis.sensitivity[score]
+  bh, bonf, g, pairs = res.bh(), res.bonferroni(), res.hedges_g, res.pairs
   max_g = np.abs(g).max(axis=0)
   bh_any = bh.any(axis=0)
   eff = max_g[anova_sig]
   ids = sets[archs[0]].example_ids
   # The most sensitive examples as the analysis ranks them (and its gallery row shows them): by
-  # the largest -log10 p of the pairwise Welch tests, ties by the largest |Hedges' g|.
-  listed = tables.table("sensitive_examples")
-  listed = listed[(listed.score == score) & (listed.group == "most")].sort_values("rank")
+  # the largest -log10 p of the pairwise Welch tests, ties by the largest |Hedges' g|; the
+  # analysis lists its first top_m.
+  listed = analysis.example_ids[res.ranking()[:min(10, int(analysis.settings["top_m"]))]]
   neg_log10_p = -log_p / math.log(10)
   per_example = pd.DataFrame(dict(example_id=ids, label=sets[archs[0]].labels,
                                   anova_neg_log10_p=neg_log10_p, anova_f=f_stat,
                                   anova_bonferroni=anova_sig, bh_any_pair=bh_any,
                                   max_abs_hedges_g=max_g))
-  pair_rows = [dict(pair=f"{r.arch_a} vs {r.arch_b}", bonferroni=int(r.bonferroni), bh=int(r.bh))
-               for r in counts.itertuples()]
+  pair_rows = [dict(pair=f"{r['arch_a']} vs {r['arch_b']}", bonferroni=r["bonferroni"],
+                    bh=r["bh"]) for r in res.counts()]
   best = max(pair_rows, key=lambda r: r["bh"]) if pair_rows else None
   return dict(score=score, num_examples=int(n), alpha=alpha, num_archs=len(archs),
               anova_bonferroni=int(anova_sig.sum()), anova_fraction=float(anova_sig.mean()),
@@ -201,21 +152,19 @@ def sensitivity_findings(sets: Mapping[str, store.ScoreSet], score: str,
               median_max_abs_g=float(np.median(eff)) if eff.size else float("nan"),
               q90_max_abs_g=float(np.quantile(eff, 0.9)) if eff.size else float("nan"),
               median_max_abs_g_all=float(np.median(max_g)),
-              most_sensitive_ids=[int(i) for i in listed.example_id[:10]], pairs=pair_rows,
+              most_sensitive_ids=[int(i) for i in listed], pairs=pair_rows,
               most_separated_pair=best, per_example=per_example, neg_log10_p=neg_log10_p)
 
 
-def fingerprint_findings(fingerprint: str | pd.DataFrame, classifier: str = "logreg") -> dict:
+def fingerprint_findings(fingerprint: fingerprint_lib.Report, classifier: str = "logreg") -> dict:
   """Finding 4: test accuracy of the fingerprint on held-out runs versus k (selected examples), for
   each selection method against random selection, the dataset-mean baseline and chance.
 
   Args:
-    fingerprint: the accuracy-versus-k table (`fingerprint.Report.accuracy_vs_k`), or the folder
-      of a written fingerprint report (its accuracy_vs_k.csv is read).
+    fingerprint: the fingerprint stage's `Report` (its accuracy-versus-k table is read).
     classifier: whose accuracy.
   """
-  df = (pd.read_csv(os.path.join(fingerprint, "accuracy_vs_k.csv"))
-        if isinstance(fingerprint, str) else fingerprint)
+  df = fingerprint.accuracy_vs_k
   df = df[df.classifier == classifier]
   table = {}
   for m, g in df.groupby("method", sort=False):
@@ -258,8 +207,8 @@ def load_findings(path: str) -> dict:
 
 def study_findings(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
                    workdirs: Mapping[str, str], *, num_examples: int, scores: Sequence[str],
-                   dropped: Mapping[str, str], primary: str, analysis: AnalysisSource,
-                   fingerprint: str | pd.DataFrame | None = None,
+                   dropped: Mapping[str, str], primary: str, analysis: Analysis,
+                   fingerprint: fingerprint_lib.Report | None = None,
                    pruning_results: pd.DataFrame | None = None, pruning_score: str = "") -> dict:
   """Every finding of the study, with the inputs table of its architectures.
 
@@ -267,7 +216,8 @@ def study_findings(config: ml_collections.ConfigDict, sets: Mapping[str, store.S
     config: the study config.
     sets, workdirs: arch -> score set, arch -> training workdir (in report order).
     num_examples: training examples; scores, dropped, primary: see `scores.usable_scores`.
-    analysis: see `AnalysisTables`; fingerprint: see `fingerprint_findings` (None: disabled).
+    analysis: the analysis stage's `Analysis`; fingerprint: the fingerprint stage's `Report`
+      (None: disabled).
     pruning_results: per-seed results of the pruning stage (None: disabled), ranked by
       `pruning_score`.
   """
@@ -280,7 +230,6 @@ def study_findings(config: ml_collections.ConfigDict, sets: Mapping[str, store.S
                           test_acc=f"{pct(acc['test_acc_mean'])} ± {pct(acc['test_acc_std'])}",
                           test_acc_mean=acc["test_acc_mean"], test_acc_std=acc["test_acc_std"],
                           diverged=acc["diverged"]))
-  analysis = AnalysisTables.of(analysis)
   return dict(
       dataset=sets[names[0]].meta.get("dataset"), num_examples=int(num_examples), archs=names,
       runs=int(config.train.num_runs), scores=list(scores), dropped_scores=dropped,

@@ -58,26 +58,24 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
     analysis = stages.run_analysis(
         config, sets, names, primary, analysis_dir,
         stages.digest([key, config.analysis.to_dict(), names, primary]), x=ds.x_train,
-        kind=ds.kind, dropped=dropped) or analysis_dir  # up to date: read its tables back
+        kind=ds.kind, dropped=dropped)
   fp, results, pr_score = None, None, ""
   if config.fingerprint.enabled:
     with _timed(timings, "fingerprint"):
       fp_score = choose_score(names, config.fingerprint.score or primary)
       fp_dir = os.path.join(out, "fingerprint")
-      rep = stages.run_fingerprint(config, sets, fp_score, fp_dir,
-                                   stages.digest([key, config.fingerprint.to_dict(), fp_score]))
-      fp = rep.accuracy_vs_k if rep is not None else fp_dir
+      fp = stages.run_fingerprint(config, sets, fp_score, fp_dir,
+                                  stages.digest([key, config.fingerprint.to_dict(), fp_score]))
   if config.pruning.enabled:
     with _timed(timings, "pruning"):
       pr_score = choose_score(names, config.pruning.score or primary)
       results = stages.run_pruning_stage(config, sets, pr_score, workdir, arrays, train_fn)
 
   with _timed(timings, "report"):
-    tables = findings.AnalysisTables.of(analysis)
     f = findings.study_findings(config, sets, workdirs, num_examples=ds.num_train, scores=names,
-                                dropped=dropped, primary=primary, analysis=tables,
+                                dropped=dropped, primary=primary, analysis=analysis,
                                 fingerprint=fp, pruning_results=results, pruning_score=pr_score)
   timings["total"] = time.perf_counter() - t_all
   f["timings"] = timings
   f["compute_seconds"] = stages.read_timings(workdir)
-  return study_report.write_report(f, out, tables.table("reliability"), analysis_dir)
+  return study_report.write_report(f, out, analysis.tables["reliability"], analysis_dir)

@@ -23,8 +23,11 @@ from jaxdiff import pruning
 from jaxdiff import store
 from jaxdiff import train
 from jaxdiff import workdir as workdir_lib
+from jaxdiff.analysis import agreement as agreement_lib
+from jaxdiff.analysis import sensitivity
 from jaxdiff.report import analysis as analysis_report
 from jaxdiff.report import fingerprint as fingerprint_report
+from jaxdiff.report.tables import safe_name
 from jaxdiff.study.config import StudyError, arch_config, arch_names
 
 
@@ -173,17 +176,17 @@ def read_timings(workdir: str) -> dict:
 def run_analysis(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
                  names: Sequence[str], primary: str, out: str, key: str,
                  x: np.ndarray | None = None, kind: str | None = None,
-                 dropped: Mapping[str, str] | None = None) -> analysis.Analysis | None:
-  """Reliability, agreement and sensitivity (`analysis.analyze`) written to `out`; skipped when
-  `out` holds the result for the same inputs. `dropped` (score -> reason) is listed in its
-  report.md.
+                 dropped: Mapping[str, str] | None = None) -> analysis.Analysis:
+  """Reliability, agreement and sensitivity (`analysis.analyze`) written to `out`; when `out`
+  holds the result for the same inputs, read back from it (`load_analysis`) instead. `dropped`
+  (score -> reason) is listed in its report.md.
 
   Returns:
-    the `Analysis` if it ran, None if it was up to date.
+    the `Analysis`, computed now or loaded from `out`.
   """
   if _stage_done(out, key):
-    logging.info("[study] analysis: up to date in %s, skipped", out)
-    return None
+    logging.info("[study] analysis: up to date in %s, loaded", out)
+    return load_analysis(out)
   a = config.analysis
   t0 = time.perf_counter()
   res = analysis.analyze(sets, scores=list(names), primary_score=primary, num_draws=a.num_draws,
@@ -198,13 +201,80 @@ def run_analysis(config: ml_collections.ConfigDict, sets: Mapping[str, store.Sco
   return res
 
 
+def load_analysis(out: str) -> analysis.Analysis:
+  """The `Analysis` that `report.analysis.write_report` wrote to `out`, read back.
+
+  Everything the written files hold comes back as computed: the tables (CSV), the settings,
+  inputs, primary score, timings and dropped scores (analysis.json), the per-pair sensitivity
+  (`PairwiseSensitivity` from per_example/*.npz) and the agreement (correlation matrices and PCA
+  spectra from their tables, `Spectrum.loadings` None). The per-draw reliability curves and
+  per-example spreads are not written: `curves` and `spreads` are empty.
+  """
+  with open(os.path.join(out, "analysis.json")) as f:
+    info = json.load(f)
+  table_dir = os.path.join(out, "tables")
+  tables = {n[:-4]: _read_table(os.path.join(table_dir, n))
+            for n in sorted(os.listdir(table_dir)) if n.endswith(".csv")}
+  settings = info["settings"]
+  archs = [d["arch"] for d in info["inputs"]]
+  sens, ids, labels = {}, None, None
+  for score in tables["sensitivity_counts"].score.unique():
+    path = os.path.join(out, "per_example", f"sensitivity_{safe_name(score)}.npz")
+    with np.load(path) as z:
+      ids, labels = z["example_ids"], z["labels"]
+      sens[score] = sensitivity.PairwiseSensitivity(
+          archs=archs, pairs=[tuple(str(p).split(" vs ")) for p in z["pairs"]], t=z["t"],
+          df=z["df"], log10_p=-z["neg_log10_p"], mean_diff=z["mean_diff"],
+          hedges_g=z["hedges_g"], perm_p=z["perm_p"] if "perm_p" in z else None,
+          num_permutations=int(settings["num_permutations"]), alpha=float(settings["alpha"]))
+  if ids is None:  # one architecture: the examples from the extremes table (every example)
+    ext = tables["difficulty_extremes"].sort_values("index")
+    ids, labels = ext.example_id.to_numpy(), ext.label.to_numpy()
+  return analysis.Analysis(
+      tables=tables, curves={}, spreads={}, agreement=_agreement_of(tables), sensitivity=sens,
+      example_ids=ids, labels=labels, primary_score=info["primary_score"], settings=settings,
+      inputs=info["inputs"], timings=info["timings"], dropped=info.get("dropped", {}))
+
+
+def _read_table(path: str) -> pd.DataFrame:
+  try:
+    return pd.read_csv(path)
+  except pd.errors.EmptyDataError:  # a table without rows or columns (e.g. no agreement)
+    return pd.DataFrame()
+
+
+def _agreement_of(tables: Mapping[str, pd.DataFrame]) -> dict:
+  """arch -> `agreement.score_agreement`-like dict (names, corr, pca, overlap) from the tables."""
+  out = {}
+  corr, pca, so = tables["correlation"], tables["pca"], tables["score_overlap"]
+  if corr.empty:  # fewer than two scores: no agreement
+    return out
+  for a in dict.fromkeys(corr.arch):
+    c = corr[corr.arch == a]
+    names = sorted(set(c.score_a))
+    mats = {m: g.pivot(index="score_a", columns="score_b", values="value").loc[names, names]
+            .to_numpy() for m, g in c.groupby("method", sort=False)}
+    spectra = {}
+    for m, g in pca[pca.arch == a].groupby("method", sort=False):
+      g = g.sort_values("component")
+      kept = ~np.isnan(mats[m]).all(axis=1) & ~np.isnan(np.diag(mats[m]))
+      spectra[m] = agreement_lib.Spectrum(
+          eigenvalues=g.eigenvalue.to_numpy(), shares=g.share.to_numpy(), loadings=None,
+          names=[n for n, k in zip(names, kept) if k])
+    o = so[so.arch == a]
+    overlap = {(float(f), side): g.pivot(index="score_a", columns="score_b", values="overlap")
+               .loc[names, names].to_numpy() for (f, side), g in o.groupby(["fraction", "side"])}
+    out[a] = dict(names=names, corr=mats, pca=spectra, overlap=overlap)
+  return out
+
+
 def run_fingerprint(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
-                    score: str, out: str, key: str) -> fingerprint.Report | None:
-  """The fingerprint study (`fingerprint.run_report`) on one score, written to `out`; the
-  `Report`, or None when `out` was up to date."""
+                    score: str, out: str, key: str) -> fingerprint.Report:
+  """The fingerprint study (`fingerprint.run_report`) on one score, written to `out`; read back
+  (`load_fingerprint_report`) when `out` was up to date."""
   if _stage_done(out, key):
-    logging.info("[study] fingerprint: up to date in %s, skipped", out)
-    return None
+    logging.info("[study] fingerprint: up to date in %s, loaded", out)
+    return load_fingerprint_report(out)
   fp = config.fingerprint
   t0 = time.perf_counter()
   data = fingerprint.collect_runs(sets, [score])
@@ -218,6 +288,17 @@ def run_fingerprint(config: ml_collections.ConfigDict, sets: Mapping[str, store.
   add_timing(os.path.dirname(os.path.dirname(out)), time.perf_counter() - t0, "fingerprint")
   logging.info("[study] fingerprint done in %.0f s", time.perf_counter() - t0)
   return rep
+
+
+def load_fingerprint_report(out: str) -> fingerprint.Report:
+  """The `fingerprint.Report` that `report.fingerprint.write_report` wrote to `out`, read back
+  (its tables and saved fingerprint; `header` and `title` are not written: empty)."""
+  holdout = os.path.join(out, "holdout.csv")
+  return fingerprint.Report(
+      accuracy_vs_k=pd.read_csv(os.path.join(out, "accuracy_vs_k.csv")),
+      accuracy_vs_fit_runs=pd.read_csv(os.path.join(out, "accuracy_vs_fit_runs.csv")),
+      holdout=pd.read_csv(holdout) if os.path.exists(holdout) else None,
+      fingerprint=fingerprint.load_fingerprint(os.path.join(out, "fingerprint")), header="")
 
 
 def run_pruning_stage(config: ml_collections.ConfigDict, sets: Mapping[str, store.ScoreSet],
