@@ -19,11 +19,13 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import scores as S
 from jaxdiff import store
 from jaxdiff import workdir as workdir_lib
+from jaxdiff.scores import point, registry
 
 LOGITS, PROBS = "logits", "probs"
 # Scores that need logits: the logit margin z_y - max_{c != y} z_c and AUM, its mean over epochs.
@@ -51,27 +53,38 @@ def point_scores_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str
 def point_scores_from_probs(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
   """The point scores that probabilities `[B, C]` determine (all but `margin_logit`), float32 [B].
 
-  Definitions as `scores.point_scores`, with p the given probabilities. `loss` = -log p_y with p_y
-  clipped below at float32's smallest normal number (1.2e-38, a loss of at most 87.3), so a p_y
-  that underflowed to 0 gives a finite loss; `correct` = argmax_c p_c == y (ties -> lowest class).
+  The registry's point kernels (`scores.registry`) on `point.Parts` of the given probabilities p
+  (jitted, rows padded to a power of 2). `loss` = -log p_y with p_y clipped below at float32's
+  smallest normal number (1.2e-38, a loss of at most 87.3), so a p_y that underflowed to 0 gives a
+  finite loss; `correct` = argmax_c p_c == y (ties -> lowest class).
   """
-  p = np.asarray(probs, np.float64)
-  y = np.asarray(labels, np.int64)
-  onehot = np.arange(p.shape[1])[None, :] == y[:, None]
-  p_y = p[np.arange(p.shape[0]), y]
-  p_other = np.where(onehot, -np.inf, p).max(axis=1)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    plogp = np.where(p > 0, p * np.log(p), 0.0)
-  out = {
-      "loss": -np.log(np.maximum(p_y, np.finfo(np.float32).tiny)),
-      "correct": (p.argmax(axis=1) == y).astype(np.float64),
-      "p_y": p_y,
-      "max_p": p.max(axis=1),
-      "entropy": -plogp.sum(axis=1),
-      "margin_prob": p_y - p_other,
-      "el2n": np.sqrt(np.square(p - onehot).sum(axis=1)),
-  }
-  return {k: v.astype(np.float32) for k, v in out.items()}
+  b = probs.shape[0]
+  pad = _bucket(b) - b
+  p = np.pad(np.asarray(probs, np.float32), ((0, pad), (0, 0)))
+  y = np.pad(np.asarray(labels, np.int32), (0, pad))
+  return {k: np.asarray(v)[:b] for k, v in jax.device_get(_probs_point_scores(p, y)).items()}
+
+
+def _probs_parts(probs: jax.Array, labels: jax.Array) -> point.Parts:
+  """`point.Parts` of probabilities `[B, C]`: p as given, log p (clipped below at float32's
+  smallest normal number) as the log-softmax and as the logits (log p = z - logsumexp(z): the
+  logits up to a constant per row, so their argmax keeps)."""
+  p = jnp.asarray(probs, jnp.float32)
+  logp = jnp.log(jnp.maximum(p, jnp.finfo(jnp.float32).tiny))
+  onehot = jax.nn.one_hot(labels, p.shape[-1], dtype=bool)
+  y_idx = labels[..., None].astype(jnp.int32)
+  logp_y = jnp.take_along_axis(logp, y_idx, axis=-1)[..., 0]
+  return point.Parts(z=logp, labels=labels, logp=logp, p=p, onehot=onehot, logp_y=logp_y,
+                     z_y=logp_y, p_y=jnp.take_along_axis(p, y_idx, axis=-1)[..., 0],
+                     p_other=jnp.max(jnp.where(onehot, -jnp.inf, p), axis=-1),
+                     z_other=jnp.max(jnp.where(onehot, -jnp.inf, logp), axis=-1))
+
+
+@jax.jit
+def _probs_point_scores(probs: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  q = _probs_parts(probs, labels)
+  return {name: registry.ENTRIES[name].kernel(q) for name in point.POINT_SCORE_NAMES
+          if name not in NEED_LOGITS}
 
 
 class _Epoch:

@@ -284,3 +284,25 @@ def test_existing_store_and_diverged_member(tmp_path):
   with pytest.raises(ValueError, match=r"already holds a score store .*; use another workdir or "
                      "overwrite=True$"):
     DifficultyLogger(str(tmp_path), num_examples=4, num_classes=2, member_ids=[0])
+
+
+def test_probabilities_go_through_the_registry_kernels(monkeypatch):
+  # One home per score: a point entry added to the registry is what the probabilities path
+  # computes too (the logger re-implemented the kernels in numpy before).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxdiff import logger as logger_lib  # pylint: disable=g-import-not-at-top
+  from jaxdiff.scores import point, registry  # pylint: disable=g-import-not-at-top
+  extra = dataclasses.replace(registry.ENTRIES["p_y"], name="p_y_squared",
+                              kernel=lambda q: q.p_y * q.p_y)
+  monkeypatch.setitem(registry.ENTRIES, "p_y_squared", extra)
+  monkeypatch.setattr(point, "POINT_SCORE_NAMES", (*point.POINT_SCORE_NAMES, "p_y_squared"))
+  logger_lib._probs_point_scores.clear_cache()  # traced before with the registry as it was
+  rng = np.random.default_rng(2)
+  z = rng.normal(size=(3, 11))
+  probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  y = np.array([0, 10, 4])
+  got = logger_lib.point_scores_from_probs(probs, y)
+  logger_lib._probs_point_scores.clear_cache()
+  want = [probs[i, y[i]] ** 2 for i in range(3)]  # a loop
+  np.testing.assert_allclose(got["p_y_squared"], want, rtol=1e-6)
+  np.testing.assert_allclose(got["p_y"], [probs[i, y[i]] for i in range(3)], rtol=1e-6)
