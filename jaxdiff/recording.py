@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxdiff import config as config_lib
+from jaxdiff import distributed
 from jaxdiff import scores as S
 from jaxdiff import store
 from jaxdiff import workdir as workdir_lib
@@ -166,9 +167,9 @@ class Recorder:
     if snaps and self.workdir:
       for name, value in snaps.items():
         store.atomic_save_npy(workdir_lib.snapshot_file(self.workdir, name), value)
-    diverged = np.asarray(state.diverged)
-    mb_loss = np.asarray(seen["loss"]).mean((1, 2))
-    mb_acc = np.asarray(seen["correct"]).mean((1, 2))
+    diverged = distributed.gather(state.diverged)
+    mb_loss = distributed.gather(seen["loss"]).mean((1, 2))
+    mb_acc = distributed.gather(seen["correct"]).mean((1, 2))
     return [{"epoch": epoch, "member": r, "train_loss": float(pts["loss"][r].mean()),
              "train_acc": float(pts["correct"][r].mean()),
              "test_loss": float(test["loss"][r].mean()),
@@ -201,7 +202,7 @@ class Recorder:
 
   def _final_minibatch(self, v, logits, timer) -> dict[str, np.ndarray]:
     del v, logits, timer
-    return S.MinibatchForgetting.finalize(self.state["minibatch"])
+    return S.MinibatchForgetting.finalize(distributed.gather(self.state["minibatch"]))
 
   def _final_vog(self, v, logits, timer) -> dict[str, np.ndarray]:
     del v, logits, timer
@@ -257,7 +258,7 @@ class Recorder:
       out.update(getattr(self, f"_final_{f}")(v, logits, timer))
     self.timings = timer.times
     logging.info("final scoring times (s): %s", timer.times)
-    diverged = np.asarray(state.diverged)
+    diverged = distributed.gather(state.diverged)
     out = S.orient(out, strict=False)
     out = {k: np.where(diverged[:, None], np.nan, val).astype(np.float32) for k, val in out.items()}
     ok = ~diverged
