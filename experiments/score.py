@@ -6,8 +6,9 @@
 Groups (`--scores`, default all): point (loss, margins, EL2N, ...), grand, input_grad
 (input_grad_norm = ||d p_y / d x||_2), representation (prediction depth, prototypes). A
 non-final epoch's scores are stored as `<name>_e<epoch>` (`loss_e90`). See
-`jaxdiff.posthoc.score_workdir`. Expected runtime: the default config with 4 members, all groups,
-36 s on a shared 2-core CPU (17 s of CPU; most of it compiling).
+`jaxdiff.posthoc.score_workdir` (members trained outside jaxdiff: `posthoc.score_members`, from
+Python, given their apply function and parameters). Expected runtime: the default config with 4
+members, all groups, 36 s on a shared 2-core CPU (17 s of CPU; most of it compiling).
 """
 
 import os

@@ -191,8 +191,8 @@ def test_registry_refuses_an_unknown_name_listing_the_valid_ones():
   with pytest.raises(data_lib.DataError) as e:
     data_lib.load_dataset({"name": "digitz"})
   assert str(e.value) == ("unknown dataset 'digitz'; valid: mnist1d, npz, arrays, mnist, "
-                          "fashion_mnist, cifar10, cifar100, svhn_cropped, digits (or 'tfds:<name>' "
-                          "for any tfds image dataset)")
+                          "fashion_mnist, cifar10, cifar100, svhn_cropped, digits, hf (or "
+                          "'tfds:<name>' for any tfds image dataset)")
   for name, entry in data_lib.DATASETS.items():  # every entry states its kind(s)
     assert entry.kinds and set(entry.kinds) <= set(data_lib.KINDS), name
   assert data_lib.source_of("tfds:emnist").kinds == ("image",)

@@ -226,3 +226,149 @@ def test_refusals_name_the_value(trained, tmp_path):
   assert e.data.name == "arrays"
   np.testing.assert_allclose(e.logits(x), np.load(os.path.join(wd, "logits.npy")), rtol=0,
                              atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- score_members
+
+
+def test_score_members_equals_the_training_run_bit_for_bit(trained, tmp_path):
+  """A jaxdiff workdir's restored apply_fn and variables through `score_members` give the run's
+  own scores exactly: the same kernels over the same member chunks and example chunks (the
+  training's member_chunk and chunk_size), so the same XLA programs; the list of per-member
+  variables equals the stacked form."""
+  e = posthoc.load_ensemble(trained)
+  before = store.load_scores(os.path.join(trained, "scores"))
+  c = e.config.scores
+  kw = dict(scores=("point", "grand", "representation"), chunk_size=c.chunk_size,
+            grand_method=c.grand_method, knn_k=c.knn_k, num_prototypes=c.num_prototypes,
+            member_chunk=e.config.member_chunk, progress=False)
+  x, y = e.data.x_train, e.data.y_train
+  out = posthoc.score_members(e.apply_fn, e.variables, x, y, str(tmp_path / "stacked"), **kw)
+  names = [n for g in ("point", "grand", "representation") for n in posthoc.GROUP_SCORES[g]]
+  assert sorted(out) == sorted(names)
+  for name in names:
+    np.testing.assert_array_equal(out[name], before.scores[name], err_msg=name)
+  members = [e.member(r) for r in range(e.num_runs)]
+  kw["scores"] = ("point", "grand")  # stacking is what differs: the cheap groups show it
+  listed = posthoc.score_members(e.apply_fn, members, x, y, str(tmp_path / "list"), **kw)
+  for name in listed:
+    np.testing.assert_array_equal(listed[name], out[name], err_msg=name)
+  # The store is a jaxdiff run's: same ids, labels, orientation; logits and ensemble scores too.
+  got = store.load_scores(str(tmp_path / "stacked" / "scores"))
+  np.testing.assert_array_equal(got.example_ids, before.example_ids)
+  np.testing.assert_array_equal(got.labels, before.labels)
+  assert set(got.meta["negated"]) == set(before.meta["negated"]) & set(names)
+  assert got.meta["dataset_fingerprint"]["x_train_sha256"] == (
+      before.meta["dataset_fingerprint"]["x_train_sha256"])
+  np.testing.assert_array_equal(np.load(str(tmp_path / "stacked" / "logits.npy")),
+                                np.load(os.path.join(trained, "logits.npy")))
+  ens_new = np.load(str(tmp_path / "stacked" / "ensemble_scores.npz"))
+  ens_old = np.load(os.path.join(trained, "ensemble_scores.npz"))
+  for k in ens_old.files:
+    np.testing.assert_array_equal(ens_new[k], ens_old[k], err_msg=k)
+
+
+def _linear(rng, n=60, d=5, c=3, members=3):
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  y = rng.integers(0, c, n).astype(np.int32)
+  params = [{"w": rng.normal(size=(d, c)).astype(np.float32),
+             "b": rng.normal(size=(c,)).astype(np.float32)} for _ in range(members)]
+  return x, y, params
+
+
+def _linear_apply(p, x):  # bare logits: no (logits, out) pair
+  return x @ p["w"] + p["b"]
+
+
+def test_score_members_bare_logits_match_a_numpy_loop(tmp_path):
+  """Point scores, GraNd and the input-gradient norm of a bare-logits linear model against a
+  per-example numpy loop (softmax, loss, margins, EL2N by hand; the gradient of CE w.r.t. (W, b)
+  is (x, 1) (p - e_y), so GraNd = ||p - e_y|| sqrt(||x||^2 + 1))."""
+  x, y, params = _linear(np.random.default_rng(0))
+  out_dir = str(tmp_path / "linear")
+  out = posthoc.score_members(_linear_apply, params, x, y, out_dir,
+                              scores=("point", "grand", "input_grad"), chunk_size=16,
+                              arch="linear", progress=False)
+  for r, p in enumerate(params):
+    for i in range(len(y)):
+      z = x[i].astype(np.float64) @ p["w"] + p["b"]
+      q = np.exp(z - z.max())
+      q /= q.sum()
+      other = np.delete(np.arange(3), y[i])
+      onehot = np.eye(3)[y[i]]
+      ref = {"loss": -np.log(q[y[i]]), "correct": -float(np.argmax(z) == y[i]),
+             "p_y": -q[y[i]], "max_p": -q.max(), "entropy": -(q * np.log(q)).sum(),
+             "margin_prob": -(q[y[i]] - q[other].max()),
+             "margin_logit": -(z[y[i]] - z[other].max()),
+             "el2n": np.linalg.norm(q - onehot),
+             "grand": np.linalg.norm(q - onehot) * np.sqrt(x[i] @ x[i] + 1.0),
+             # d p_y / d x = p_y (W[:, y] - W p)
+             "input_grad_norm": np.linalg.norm(q[y[i]] * (p["w"][:, y[i]] - p["w"] @ q))}
+      for name, value in ref.items():  # negated where higher is easier
+        np.testing.assert_allclose(out[name][r, i], value, rtol=2e-5, atol=2e-6,
+                                   err_msg=f"{name} member {r} example {i}")
+  stacked = jax.tree_util.tree_map(lambda *a: np.stack(a), *params)
+  again = posthoc.score_members(_linear_apply, stacked, x, y, str(tmp_path / "stacked"),
+                                scores=("point", "grand", "input_grad"), chunk_size=16,
+                                progress=False)
+  for name in out:
+    np.testing.assert_array_equal(again[name], out[name], err_msg=name)
+  # The analysis reads the store (keyed by its arch).
+  from jaxdiff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  sets = workdir_lib.load_workdirs([out_dir])
+  assert list(sets) == ["linear"] and sets["linear"].num_runs == 3
+
+
+def test_score_members_representation_needs_features(tmp_path):
+  x, y, params = _linear(np.random.default_rng(1))
+  out_dir = tmp_path / "refused"
+  with pytest.raises(ValueError, match=r"need intermediate features.*bare logits.*pass "
+                     r"features_fn=.*or leave 'representation' out of scores="):
+    posthoc.score_members(_linear_apply, params, x, y, str(out_dir), progress=False)
+  assert not out_dir.exists()  # refused before anything is written
+  # With features_fn: prototypes on the given penultimate features, as the kernel computes them
+  # on features built by hand.
+  feats = lambda p, xx: [jnp.tanh(xx @ p["w"]), xx @ p["w"] + p["b"]]
+  out = posthoc.score_members(_linear_apply, params, x, y, str(tmp_path / "rep"),
+                              scores=("point", "representation"), features_fn=feats, knn_k=5,
+                              progress=False)
+  pen = np.stack([np.asarray(_linear_apply(p, x)) for p in params])
+  ref = S.prototype_scores(pen, y, 3, seed=0, member_ids=np.arange(3))
+  for name in ("proto_supervised", "proto_selfsup"):
+    np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert out["prediction_depth"].shape == (3, len(y))
+
+
+@pytest.mark.parametrize("params,apply_fn,expect", [
+    ("mixed", _linear_apply, r"params\[1\] has another structure"),
+    ("unstacked", _linear_apply, r"params: .*same leading members axis R; found leading "
+                                 r"sizes \['2', '5'\] \(or pass a list"),
+    ("ok", lambda p, x: (x @ p["w"])[:, :2], r"gives 2 logits per example but there are 3"),
+])
+def test_score_members_refuses_bad_input(tmp_path, params, apply_fn, expect):
+  x, y, good = _linear(np.random.default_rng(2))
+  given = {"mixed": [good[0], {"w": good[1]["w"]}],
+           "unstacked": {"w": good[0]["w"], "b": good[0]["b"][:2]}, "ok": good}[params]
+  with pytest.raises(ValueError, match=expect):
+    posthoc.score_members(apply_fn, given, x, y, str(tmp_path / "o"), scores=("point",),
+                          progress=False)
+  assert not (tmp_path / "o").exists()
+
+
+def test_score_members_progress_lines(tmp_path, caplog):
+  """progress=True logs each stage as training's final scoring does; progress=False logs none
+  of them."""
+  x, y, params = _linear(np.random.default_rng(3), n=20, members=2)
+  with caplog.at_level("INFO", logger="absl"):
+    posthoc.score_members(_linear_apply, params, x, y, str(tmp_path / "a"),
+                          scores=("point", "grand"), progress=True)
+    shown = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    posthoc.score_members(_linear_apply, params, x, y, str(tmp_path / "b"),
+                          scores=("point", "grand"), progress=False)
+    quiet = [r.getMessage() for r in caplog.records]
+  stages = ("scoring 2 members trained elsewhere on 20 examples: point, grand",
+            "final scoring: point done", "final scoring: grand done", "wrote 9 scores of 2")
+  for line in stages:
+    assert any(m.startswith(line) for m in shown), (line, shown)
+    assert not any(m.startswith(line) for m in quiet), (line, quiet)

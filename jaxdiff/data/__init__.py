@@ -1,5 +1,6 @@
 """Datasets for jaxdiff: a registry of loaders (`DATASETS`, name -> loader with its kind) for
-MNIST-1D and scikit-learn's digits (embedded), tfds image datasets and user arrays/npz.
+MNIST-1D and scikit-learn's digits (embedded), tfds image datasets, Hugging Face datasets and user
+arrays/npz.
 
 Also holds label noise (with the mask of flipped labels) and what each member sees inside the
 jitted step: its epoch order, its training subset and the per-member CIFAR augmentation (random
@@ -7,6 +8,7 @@ crop with 4-pixel padding and horizontal flip).
 
   dataset.py    Dataset (and its fingerprint), DataError, validate_arrays, normalize
   sources.py    the loaders: one function per data source
+  hf.py         the Hugging Face datasets loader (Dataset/DatasetDict in memory or save_to_disk)
   registry.py   DATASETS (name -> Source(loader, kinds, normalize)) and load_dataset
   noise.py      label noise
   batches.py    epoch_permutations, subset_masks, augment_images (in the step)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from jaxdiff.data import hf
 from jaxdiff.data import sources
 from jaxdiff.data.dataset import DataError
 from jaxdiff.data.dataset import Dataset
@@ -47,6 +48,8 @@ DATASETS: dict[str, Source] = {
        for name in TFDS_DATASETS},
     # Embedded real images (scikit-learn's digits), listed after the sets that came before it.
     "digits": Source(sources.digits_source, ("image",), normalize=True),
+    # Hugging Face datasets (data.path = a save_to_disk directory, or passed in Python).
+    "hf": Source(hf.hf_source, KINDS, normalize=False),
 }
 
 
@@ -71,12 +74,15 @@ def load_dataset(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
   Args:
     config: fields `name` (a key of DATASETS, or "tfds:<name>"), and per source: mnist1d
       `num_samples`, `train_split`, `seed`; digits `seed`, `train_split` (its split); tfds
-      `data_dir`; npz `path`; user data (npz, arrays) optionally `kind` ("signal" | "image";
-      default from the rank) and `num_classes`; all: `normalize` (None = the entry's default:
-      True for digits and tfds, False for mnist1d, npz and arrays; True standardises with the
-      training set's statistics, `dataset.normalize`), `label_noise` (fraction), `noise_seed`,
-      `num_train` (optional cap: keep the first n training examples; 0 = all).
-    arrays: for name="arrays", a mapping with x_train, y_train[, x_test, y_test].
+      `data_dir`; npz `path`; hf `path` (or the dataset passed as `arrays`), `hf_image_column`,
+      `hf_label_column`, `hf_train_split`, `hf_test_split` (`data/hf.py`); user data (npz,
+      arrays, hf) optionally `kind` ("signal" | "image"; default from the rank) and
+      `num_classes`; all: `normalize` (None = the entry's default: True for digits and tfds,
+      False for mnist1d, npz, arrays and hf; True standardises with the training set's
+      statistics, `dataset.normalize`), `label_noise` (fraction), `noise_seed`, `num_train`
+      (optional cap: keep the first n training examples; 0 = all).
+    arrays: for name="arrays", a mapping with x_train, y_train[, x_test, y_test]; for name="hf",
+      optionally a `datasets.Dataset` or `DatasetDict` (in place of `data.path`).
 
   Raises:
     DataError for an unknown name or invalid data.

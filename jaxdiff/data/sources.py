@@ -1,5 +1,6 @@
 """The loaders of the registry (`registry.DATASETS`), one function per data source: MNIST-1D and
-scikit-learn's digits (both embedded, offline), tfds image datasets, user `.npz` files and arrays.
+scikit-learn's digits (both embedded, offline), tfds image datasets, user `.npz` files and arrays
+(Hugging Face datasets: `hf.py`).
 
 A loader takes the `data` config section (and, for "arrays", the arrays passed in) and returns a
 `Loaded`: the raw splits, the number of classes, the options that decide the data (recorded in
@@ -188,7 +189,7 @@ def tfds_source(name: str, config: Mapping[str, Any], arrays=None) -> Loaded:
 # ----------------------------------------------------------------------------- user data
 
 
-def _user_arrays(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], where: str):
+def user_arrays(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], where: str):
   """Checked (x_tr, y_tr, x_te, y_te, C) from a mapping with x_train, y_train[, x_test, y_test];
   without a test split the training set is evaluated."""
   missing = [k for k in ("x_train", "y_train") if k not in arrays]
@@ -216,7 +217,7 @@ def npz_source(config: Mapping[str, Any], arrays=None) -> Loaded:
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"npz dataset: cannot read {path!r}: {e}") from e
   full = os.path.abspath(path)
-  return Loaded(*_user_arrays(arrays, config, f"npz file {path!r}"), f"npz:{full}",
+  return Loaded(*user_arrays(arrays, config, f"npz file {path!r}"), f"npz:{full}",
                 {"name": "npz", "path": full})
 
 
@@ -226,5 +227,5 @@ def arrays_source(config: Mapping[str, Any], arrays=None) -> Loaded:
   if arrays is None:
     raise DataError("dataset 'arrays' needs the arrays passed in (arrays={...})")
   label = config.get("label", "arrays")
-  return Loaded(*_user_arrays(arrays, config, "user arrays"), label,
+  return Loaded(*user_arrays(arrays, config, "user arrays"), label,
                 {"name": "arrays", "label": label})
