@@ -372,3 +372,46 @@ def test_score_members_progress_lines(tmp_path, caplog):
   for line in stages:
     assert any(m.startswith(line) for m in shown), (line, shown)
     assert not any(m.startswith(line) for m in quiet), (line, quiet)
+
+
+def test_score_members_flax_variables_get_grand_over_params_only(tmp_path):
+  """A Flax variables dict with batch statistics and bare logits: GraNd differentiates
+  "params" only (the batch statistics are constants in evaluation), as a per-example jax.grad
+  loop does."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.BatchNorm(use_running_average=True)(nn.Dense(6)(x))
+      return nn.Dense(3)(nn.relu(h))
+
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(24, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 24).astype(np.int32)
+  net = Net()
+  members = []
+  for r in range(2):
+    v = jax.tree_util.tree_map(np.asarray, net.init(jax.random.key(r), x[:1]))
+    v["batch_stats"] = jax.tree_util.tree_map(  # non-trivial statistics
+        lambda a: a + rng.uniform(0.5, 1.5, a.shape).astype(np.float32), v["batch_stats"])
+    members.append(v)
+  out = posthoc.score_members(net.apply, members, x, y, str(tmp_path / "bn"),
+                              scores=("point", "grand"), progress=False)
+  for r, v in enumerate(members):
+    loss = lambda p, xi, yi, v=v: optax.softmax_cross_entropy_with_integer_labels(
+        net.apply({**v, "params": p}, xi[None])[0], yi)
+    grad = jax.jit(jax.grad(loss))
+    ref = [float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(
+        grad(v["params"], x[i], y[i]))))) for i in range(len(y))]
+    np.testing.assert_allclose(out["grand"][r], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_hf_workdir_without_a_path_needs_the_dataset(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  cfg = json.load(open(os.path.join(wd, "config.json")))
+  cfg["data"].update(name="hf", path="")
+  store.atomic_write_json(os.path.join(wd, "config.json"), cfg)
+  with pytest.raises(posthoc.WorkdirError, match=r"Hugging Face dataset passed in Python .*"
+                     r"pass the same one: arrays=<datasets.Dataset or DatasetDict>"):
+    posthoc.load_ensemble(wd)
