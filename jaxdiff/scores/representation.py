@@ -108,7 +108,8 @@ class _Probe:
   fixed-size blocks of the support set."""
 
   def __init__(self, labels: np.ndarray, num_classes: int, k: int, exclude_self: bool,
-               chunk_size: int, m: int, block_size: int = 4096):
+               chunk_size: int, m: int, block_size: int = 4096,
+               self_pos: np.ndarray | None = None):
     self.labels = np.asarray(labels, np.int32)
     n = self.labels.size
     self.static = (int(k), int(num_classes), bool(exclude_self), n)
@@ -116,6 +117,8 @@ class _Probe:
     # Every block holds at least the k + 1 candidates that the running top-k keeps.
     self.block = min(max(point.check_chunk_size(block_size), int(k) + 1), n)
     self.exclude_self = exclude_self
+    # With self-exclusion, query i leaves out support row self_pos[i] (-1: none; default i).
+    self.self_pos = self_pos
 
   def __call__(self, train: np.ndarray, query: np.ndarray, rows: np.ndarray | None = None
                ) -> np.ndarray:
@@ -143,7 +146,10 @@ class _Probe:
     for start in range(0, rows.size, c):
       sel = rows[start:start + c]
       q = np.asarray(query[sel], np.float32)
-      ids = sel.astype(np.int32) if self.exclude_self else np.full(sel.size, -1, np.int32)
+      if not self.exclude_self:
+        ids = np.full(sel.size, -1, np.int32)
+      else:
+        ids = (sel if self.self_pos is None else self.self_pos[sel]).astype(np.int32)
       if sel.size < c:  # pad so that every call has one shape
         q = np.concatenate([q, np.zeros((c - sel.size, q.shape[1]), np.float32)])
         ids = np.concatenate([ids, np.full(c - sel.size, -1, np.int32)])
@@ -164,19 +170,21 @@ def _member_devices() -> list[jax.Device]:
   return jax.local_devices()
 
 
-def _probe_members(probe: _Probe, jobs: list[tuple]) -> dict[int, np.ndarray]:
+def _probe_members(probe: _Probe | dict[int, _Probe], jobs: list[tuple]) -> dict[int, np.ndarray]:
   """Runs `jobs` [(member, train [N, F], query [M, F], rows)] in waves of one member per device
-  (concurrently, and with only one member's features on each device at a time).
+  (concurrently, and with only one member's features on each device at a time), with `probe` or
+  the member's own `probe[member]`.
 
   Returns:
     {member: int32 predictions for its rows}.
   """
   devices, out = _member_devices(), {}
   for start in range(0, len(jobs), len(devices)):
-    wave = [(r, rows, probe.dispatch(train, query, rows, device))
+    wave = [(r, rows, (probe[r] if isinstance(probe, dict) else probe).dispatch(
+                train, query, rows, device))
             for (r, train, query, rows), device in zip(jobs[start:start + len(devices)], devices)]
     for r, rows, pending in wave:
-      out[r] = probe.collect(pending, rows.size)
+      out[r] = _Probe.collect(pending, rows.size)
   return out
 
 
@@ -241,7 +249,8 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
                      query_features: Sequence[Any] | None, final_pred: Any, k: int = 30,
                      exclude_self: bool | None = None, chunk_size: int = 256,
                      block_size: int = 4096,
-                     on_layer: Callable[[int, int], None] | None = None) -> np.ndarray:
+                     on_layer: Callable[[int, int], None] | None = None,
+                     reference: int = 0, seed: int = 0, member_ids: Any = None) -> np.ndarray:
   """Prediction depth (Baldock, Maennel & Neyshabur 2021, "Deep Learning Through the Lens of
   Example Difficulty").
 
@@ -268,6 +277,13 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     chunk_size: queries per distance block.
     block_size: training examples per distance block (see `knn_predict`).
     on_layer: called as `on_layer(layers_done, L)` after each layer's probes (for progress).
+    reference: if 0 < reference < N, each member's probes use `reference` training examples drawn
+      without replacement (`reference_subset(N, reference, seed, id)` for the member's id, the same
+      subset at every layer) as their support set instead of all N: an approximation whose
+      agreement with the exact depths is measured in BENCHMARKS.md; cost ~ reference / N of it.
+      0 (or >= N): all N, exact.
+    seed: seed of the reference subsets.
+    member_ids: int `[R]`, the members' ids for the subsets (default 0..R-1).
 
   Returns:
     float32 `[R, M]` in [0, L].
@@ -284,6 +300,19 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
   num_classes = int(max(labels.max(), final_pred.max())) + 1
   flat = lambda a: np.reshape(np.asarray(a, np.float32), np.shape(a)[:2] + (-1,))
   num_layers = len(train_features)
+  n, num_members = labels.shape[0], final_pred.shape[0]
+  subsets = None  # {member: sorted support rows}
+  if not isinstance(reference, (int, np.integer)) or reference < 0:
+    raise ValueError(f"reference must be an int >= 0 (0 = all training examples), got "
+                     f"{reference!r}")
+  if 0 < reference < n:
+    if not k + exclude_self <= reference:
+      raise ValueError(f"reference={reference} must be at least k + {int(exclude_self)} = "
+                       f"{k + exclude_self} (or 0 = all training examples)")
+    ids = range(num_members) if member_ids is None else [int(i) for i in np.ravel(member_ids)]
+    if len(ids) != num_members:
+      raise ValueError(f"member_ids has {len(ids)} ids for {num_members} members")
+    subsets = {r: reference_subset(n, reference, seed, i) for r, i in enumerate(ids)}
   probe = None
   suffix = None  # [R, M] length of the agreeing suffix of probes so far
   above = None   # (train, query, preds [R, M]) of the layer above, for reuse
@@ -294,12 +323,17 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       raise ValueError(f"final_pred has shape {final_pred.shape}, expected [R, M] = "
                        f"{qf.shape[:2]}")
     if probe is None:
-      probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, qf.shape[1], block_size)
       suffix = np.zeros(final_pred.shape, np.int64)
+      if subsets is None:
+        probe = _Probe(labels, num_classes, k, exclude_self, chunk_size, qf.shape[1], block_size)
+      else:
+        probe = {r: _subset_probe(rows, labels, num_classes, k, exclude_self, chunk_size,
+                                  qf.shape[1], block_size) for r, rows in subsets.items()}
     active = suffix == num_layers - 1 - layer  # every probe below the top agreed so far
     preds = np.full(qf.shape[:2], -1, np.int32)
-    # Members whose features are member 0's share one probe over the union of their queries.
-    like0 = [r for r in range(tf.shape[0]) if r == 0 or (_same(tf[r], tf[0])
+    # Members whose features are member 0's share one probe over the union of their queries
+    # (not with reference subsets: each member has its own).
+    like0 = [r for r in range(tf.shape[0]) if r == 0 or (subsets is None and _same(tf[r], tf[0])
                                                          and _same(qf[r], qf[0]))]
     union = np.flatnonzero(active[like0].any(0))
     jobs = []  # members' probes, run concurrently over the devices
@@ -310,7 +344,7 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       if above is not None and _same(tf[r], above[0][r]) and _same(qf[r], above[1][r]):
         preds[r, rows] = above[2][r, rows]
       else:
-        jobs.append((r, tf[r], qf[r], rows))
+        jobs.append((r, tf[r] if subsets is None else tf[r][subsets[r]], qf[r], rows))
     rows_of = {job[0]: job[3] for job in jobs}
     for r, p in _probe_members(probe, jobs).items():
       preds[r, rows_of[r]] = p
@@ -321,6 +355,22 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     if on_layer is not None:
       on_layer(num_layers - layer, num_layers)
   return (num_layers - suffix).astype(np.float32)
+
+
+def reference_subset(n: int, size: int, seed: int, member: int) -> np.ndarray:
+  """The sorted support rows (`size` of `n`, without replacement) of member `member`'s probes;
+  the member's id, not its position, sets them, so a member draws alike in any ensemble."""
+  return np.sort(np.random.default_rng([int(seed), int(member)]).choice(n, size, replace=False))
+
+
+def _subset_probe(rows: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
+                  exclude_self: bool, chunk_size: int, m: int, block_size: int) -> _Probe:
+  """A probe whose support set is the training rows `rows`; with self-exclusion, query i leaves
+  out its own row where `rows` holds it."""
+  self_pos = np.full(labels.shape[0], -1, np.int64)
+  self_pos[rows] = np.arange(rows.size)
+  return _Probe(labels[rows], num_classes, k, exclude_self, chunk_size, m, block_size,
+                self_pos=self_pos if exclude_self else None)
 
 
 def prediction_depth_scores(apply_fn: point.ApplyFn, variables: Any, x: Any, y: Any, k: int = 30,
