@@ -40,6 +40,8 @@ flags.DEFINE_integer("num_workers", 2, "Threads.")
 flags.DEFINE_integer("seed", 0, "Seed of the random draws.")
 flags.DEFINE_bool("gallery", True, "Draw the gallery (loads the dataset from config.json).")
 flags.DEFINE_bool("figures", True, "Draw figures.")
+flags.DEFINE_bool("progress", True, "Log each analysis stage with the elapsed time and what is "
+                  "left.")
 flags.mark_flags_as_required(["workdirs", "out"])
 
 
@@ -69,7 +71,7 @@ def main(argv):
       sets, scores=FLAGS.scores or None, primary_score=FLAGS.primary_score,
       num_draws=FLAGS.num_draws, kendall_draws=FLAGS.kendall_draws, fractions=[float(f) for f in FLAGS.fractions],
       alpha=FLAGS.alpha, num_permutations=FLAGS.num_permutations, top_m=FLAGS.top_m,
-      num_workers=FLAGS.num_workers, seed=FLAGS.seed)
+      num_workers=FLAGS.num_workers, seed=FLAGS.seed, progress=FLAGS.progress)
   inputs = None
   if FLAGS.gallery and FLAGS.figures:
     inputs = load_inputs(FLAGS.workdirs[0])

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxdiff import progress as progress_lib
 from jaxdiff import store
 from jaxdiff import workdir as workdir_lib
 # A workdir's arrays, read back (re-exported: the estimators' input).
@@ -298,16 +299,37 @@ class HeldoutResult:
   labels: np.ndarray
 
 
-def analyze(w: WorkdirArrays, *, min_holdout: int = 2) -> HeldoutResult:
-  """C-scores, memorisation and out-of-sample probabilities of a workdir's final members."""
+# The stages of `analyze`, in order (the progress lines name them).
+STAGES = ("probabilities", "c_scores", "c_scores_soft", "memorisation", "oos_probs")
+
+
+def analyze(w: WorkdirArrays, *, min_holdout: int = 2, progress: bool = True,
+            stages: progress_lib.Stages | None = None) -> HeldoutResult:
+  """C-scores, memorisation and out-of-sample probabilities of a workdir's final members.
+
+  Args:
+    w: the workdir's arrays (`read_workdir`).
+    min_holdout: fewer held-out members than this: NaN (flagged).
+    progress: log each stage (`STAGES`) as it ends, with the time so far and the stages left
+      (absl INFO, `jaxdiff.progress`); False: silent.
+    stages: log to these stages instead (`load_report`'s, which also times the reading).
+  """
+  prog = stages or progress_lib.Stages("heldout", STAGES, progress)
+  if stages is None:
+    prog.plan(f"{w.mask.shape[1]} examples x {w.mask.shape[0]} members")
   probs = softmax(w.logits)
   correct = correctness(w.logits, w.labels)
   py = label_prob(probs, w.labels)
+  prog.done("probabilities")
   c = c_scores(correct, w.mask, w.fractions, w.valid, min_holdout=min_holdout)
+  prog.done("c_scores")
   c_soft = c_scores(py, w.mask, w.fractions, w.valid, min_holdout=min_holdout)
+  prog.done("c_scores_soft")
   mem = memorisation(correct, w.mask, w.fractions, w.valid, min_holdout=min_holdout)
+  prog.done("memorisation")
   p_oos, count = oos_probs(probs, w.mask, w.valid, min_holdout=1)
   p_in, _ = oos_probs(probs, ~w.mask, w.valid, min_holdout=1)  # "held out" of ~mask = trained on
+  prog.done("oos_probs")
   return HeldoutResult(c=c, c_soft=c_soft, mem=mem, oos_probs=p_oos, oos_count=count,
                        in_probs=p_in, labels=np.asarray(w.labels))
 
@@ -441,10 +463,11 @@ class HeldoutReport:
   min_holdout: int
 
 
-def load_report(workdir: str, *, min_holdout: int = 2,
-                full_data_workdir: str | None = None) -> HeldoutReport:
+def load_report(workdir: str, *, min_holdout: int = 2, full_data_workdir: str | None = None,
+                progress: bool = True) -> HeldoutReport:
   """Reads and checks every input of the held-out report of a workdir trained on subsets, and
-  computes it; nothing is written.
+  computes it; nothing is written. With `progress`, logs each stage (reading, `STAGES`, the
+  label-noise AUROC) as it ends, with the time so far and what is left.
 
   With label noise, `full_data_workdir` (an ensemble trained on every example of the same data)
   adds its stored scores as the "full-data" rows of the AUROC table.
@@ -454,6 +477,8 @@ def load_report(workdir: str, *, min_holdout: int = 2,
       truncated file (named), a full-data workdir trained on other data (naming the difference)
       or given for a workdir without label noise.
   """
+  prog = progress_lib.Stages("heldout", ("read", *STAGES), progress)
+  prog.plan(workdir)
   w = read_workdir(workdir)
   if not w.has_subsets:
     raise ValueError(f"{workdir} was trained without subsets (every member saw every example): "
@@ -474,7 +499,10 @@ def load_report(workdir: str, *, min_holdout: int = 2,
       raise store.StoreError(f"{full_data_workdir!r} flipped other labels than {workdir!r}: "
                              "train it with the same data.label_noise and data.noise_seed")
     full = {k: fs.get(k) for k in fs.scores if k != "mb_presentations"}
-  res = analyze(w, min_holdout=min_holdout)
+  if noisy:
+    prog.planned.append("auroc")
+  prog.done("read")
+  res = analyze(w, min_holdout=min_holdout, stages=prog)
   rows = None
   if noisy:
     s = workdir_lib.load_scores(workdir)
@@ -482,4 +510,5 @@ def load_report(workdir: str, *, min_holdout: int = 2,
     rows, _ = noise_auroc_rows(held, insample,
                                {k: s.get(k) for k in s.scores if k != "mb_presentations"},
                                w.noise_mask, full_data_scores=full)
+    prog.done("auroc")
   return HeldoutReport(w, res, rows, min_holdout)

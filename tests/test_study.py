@@ -445,3 +445,29 @@ def test_load_analysis_gives_back_what_analyze_computed(tmp_path):
       np.testing.assert_allclose(have["pca"][m].shares, want["pca"][m].shares, rtol=1e-15)
       assert have["pca"][m].names == want["pca"][m].names
     assert set(have["overlap"]) == set(want["overlap"])
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_study_progress_names_each_stage(tiny, tmp_path, caplog, progress):
+  # A rerun of the finished tiny study (every stage up to date): with progress, the plan, then one
+  # line per stage in order with the stages left; without, no such line.
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from test_progress import done_stages  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "copy"
+  shutil.copytree(tiny["wd"], wd)
+  cfg = study_tiny.get_config()
+  cfg.progress = progress
+  absl_logging.set_verbosity(absl_logging.INFO)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    caplog.clear()
+    study.run_study(cfg, str(wd))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study")]
+  if not progress:
+    assert lines == []
+    return
+  stages = ["train", "analysis", "fingerprint", "pruning", "report"]
+  assert lines[0] == "study of 3 architecture(s) x 6 runs: " + ", ".join(stages)
+  done = done_stages(lines, "study")
+  assert [d[0] for d in done] == stages
+  assert [d[2] for d in done] == [", ".join(stages[i + 1:]) or "nothing" for i in range(5)]

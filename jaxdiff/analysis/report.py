@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Callable, Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from jaxdiff import progress as progress_lib
 from jaxdiff import scores as scores_lib
 from jaxdiff import store
 from jaxdiff.workdir import load_workdirs  # pylint: disable=unused-import (re-exported)
@@ -109,7 +111,8 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
             fractions: Sequence[float] = agreement.FRACTIONS, alpha: float = 0.05,
             num_permutations: int = 0, num_run_pairs: int = 20, top_m: int = 20,
             methods: Sequence[str] = correlation.METHODS, num_workers: int = 2,
-            seed: int = 0, dropped: Mapping[str, str] | None = None) -> Analysis:
+            seed: int = 0, dropped: Mapping[str, str] | None = None,
+            progress: bool = True) -> Analysis:
   """Runs the whole analysis on score sets of one dataset (one per architecture).
 
   Args:
@@ -133,6 +136,9 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
       sorted order) use seed + 1000 i + j; ties in the example lists are broken by `seed`.
     dropped: score name -> reason, for scores the caller left out itself (added to the report's
       list of scores left out).
+    progress: log each stage (reliability, agreement, sensitivity, examples) as it ends, with
+      the time so far and what is left, and the reliability's progress over (arch, score) pairs
+      (absl INFO, `jaxdiff.progress`); False: silent.
 
   Raises:
     ValueError naming a bad setting and its valid range, an unknown or unusable score.
@@ -180,21 +186,28 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                  total_runs=sets[a].num_runs, examples=int(sets[a].example_ids.size),
                  scores=", ".join(sorted(data[a]))) for a in archs]
   timings = {}
+  prog = progress_lib.Stages("analysis", ["reliability", "agreement", "sensitivity", "examples"],
+                             progress)
+  prog.plan(f"{len(archs)} architecture(s) x {len(set().union(*data.values()))} score(s)")
 
   # Reliability, spread and run-to-run overlap: one task per (arch, score).
   t0 = time.perf_counter()
   tasks = [(a, n, i) for a in archs for i, n in enumerate(data[a])]
+  finished = itertools.count(1)  # thread-safe: tasks end in worker threads
 
   def rel_task(task):
     a, n, i = task
     s = data[a][n]
     if s.shape[0] < 2:
       log.warning("%s/%s has %d valid run(s); reliability needs 2: skipped", a, n, s.shape[0])
+      prog.step("reliability", next(finished), len(tasks), part="(arch, score)", verb="done")
       return None
     curve = reliability.reliability_curve(s, num_draws=num_draws, kendall_draws=kendall_draws,
                                           seed=seed + 1000 * archs.index(a) + i)
-    return (curve, reliability.runs_needed_table(curve), reliability.spread_vs_difficulty(s),
-            agreement.run_overlap(s, fractions, num_pairs=num_run_pairs, seed=seed + i))
+    out = (curve, reliability.runs_needed_table(curve), reliability.spread_vs_difficulty(s),
+           agreement.run_overlap(s, fractions, num_pairs=num_run_pairs, seed=seed + i))
+    prog.step("reliability", next(finished), len(tasks), part="(arch, score)", verb="done")
+    return out
 
   results = _map(rel_task, tasks, num_workers)
   curves, spreads = {}, {}
@@ -214,6 +227,7 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
     bin_rows += [dict(arch=a, score=n, **b) for b in spread.bins]
     overlap_rows += [dict(arch=a, score=n, **r) for r in overlap]
   timings["reliability"] = time.perf_counter() - t0
+  prog.done("reliability")
 
   # Agreement between scores, per architecture.
   t0 = time.perf_counter()
@@ -237,6 +251,7 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                                   overlap=float(mat[i, j]), chance=f)
                              for i, x in enumerate(names) for j, y in enumerate(names)]
   timings["agreement"] = time.perf_counter() - t0
+  prog.done("agreement")
 
   # Sensitivity to the architecture, per score shared by all architectures.
   t0 = time.perf_counter()
@@ -260,6 +275,7 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                                 pair="{} vs {}".format(*res.pairs[at[i]]))
                            for k, i in enumerate(idx)]
   timings["sensitivity"] = time.perf_counter() - t0
+  prog.done("sensitivity")
 
   # Easiest and hardest examples of the primary score, averaged over architectures. Ties (a
   # discrete score) are broken at random (seeded), so a list is a draw from the tied group at its
@@ -274,6 +290,7 @@ def analyze(sets: Mapping[str, store.ScoreSet], *, scores: Sequence[str] | None 
                   for group, desc in (("easiest", False), ("hardest", True))
                   for k, i in enumerate(agreement.order_random_ties(
                       pooled, descending=desc, seed=seed)[:m])]
+  prog.done("examples")
 
   tables = dict(inputs=pd.DataFrame(inputs), reliability=pd.DataFrame(rel_rows),
                 runs_needed=pd.DataFrame(need_rows), spread=pd.DataFrame(spread_rows),

@@ -19,6 +19,7 @@ import pandas as pd
 from jaxdiff import analysis
 from jaxdiff import data as data_lib
 from jaxdiff import fingerprint
+from jaxdiff import progress as progress_lib
 from jaxdiff import pruning
 from jaxdiff import store
 from jaxdiff import train
@@ -193,7 +194,7 @@ def run_analysis(config: ml_collections.ConfigDict, sets: Mapping[str, store.Sco
                          kendall_draws=a.kendall_draws, fractions=tuple(a.fractions),
                          alpha=a.alpha, num_permutations=a.num_permutations,
                          methods=tuple(a.methods), num_workers=a.num_workers, seed=a.seed,
-                         dropped=dropped)
+                         dropped=dropped, progress=config.get("progress", True))
   analysis_report.write_report(res, out, x=x, kind=kind)
   _mark_done(out, key, time.perf_counter() - t0)
   add_timing(os.path.dirname(os.path.dirname(out)), time.perf_counter() - t0, "analysis")
@@ -314,11 +315,10 @@ def run_pruning_stage(config: ml_collections.ConfigDict, sets: Mapping[str, stor
   if pr.single_run >= int(ss.valid_runs.sum()):
     raise StudyError(f"config.pruning.single_run={pr.single_run} but {pr.arch} has "
                      f"{int(ss.valid_runs.sum())} valid runs")
-  t0 = time.perf_counter()
+  prog = progress_lib.Stages("study", enabled=config.get("progress", True), min_interval=0.0)
 
   def progress(name, i, total):
-    logging.info("[study] pruning %d/%d: %s (%.0f s so far)", i + 1, total, name,
-                 time.perf_counter() - t0)
+    prog.step("pruning", i, total, part="trainings", verb=f"done, next {name}")
 
   return pruning.run_pruning(cfg, ds, ss.get(score), ss.example_ids,
                              os.path.join(workdir, "pruning"), fractions=tuple(pr.fractions),
