@@ -108,14 +108,8 @@ def bench(arch, num_runs, ds, peak):
   recorder = recording.Recorder({"chunk_size": FLAGS.chunk_size}, engine, ds, num_runs,
                                 progress=False)
   recorder._variables(state)  # pylint: disable=protected-access  (sets the auto chunk size)
-  apply_fn, chunk, gchunk = engine.apply_fn, recorder.chunk, recorder.grad_chunk
-  loop = engine.resolved_member_strategy == "loop"
-
-  def members(fn):  # as recording.Recorder._members
-    if not loop:
-      return fn(v)
-    outs = [fn(jax.tree_util.tree_map(lambda a: a[r:r + 1], v)) for r in range(num_runs)]  # pylint: disable=cell-var-from-loop
-    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
+  apply_fn, chunk = engine.apply_fn, recorder.chunk
+  members = lambda fn: recorder._members(fn, v)  # pylint: disable=protected-access  (as finalize)
 
   row = {"arch": arch, "runs": num_runs, "num_train": int(n), "epoch_s": epoch,
          "knn_k": FLAGS.knn_k, "knn_reference": _REFERENCE.value,
@@ -123,9 +117,7 @@ def bench(arch, num_runs, ds, peak):
   stages = {}
   (_, logits), *stages["point"] = stage(lambda: members(
       lambda vv: S.compute_point_scores(apply_fn, vv, x, y, chunk, return_logits=True)))
-  grand_kw = {"batch_size": gchunk} if loop else {}
-  _, *stages["grand_ghost"] = stage(lambda: members(lambda vv: S.grand_scores(
-      apply_fn, vv, x, y, chunk_size=gchunk, method="ghost", **grand_kw)))
+  _, *stages["grand_ghost"] = stage(lambda: recorder._grand(v))  # pylint: disable=protected-access
   (layers, _), *stages["features"] = stage(lambda: members(
       lambda vv: S.representation.features(apply_fn, vv, x, chunk, include_input=True,
                                            return_logits=True)))
