@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import data as data_lib  # pylint: disable=g-import-not-at-top
 from jaxdiff import ensemble as ens
+from jaxdiff import memory as memory_lib
 from jaxdiff import models
 from jaxdiff import store
 import memory  # pylint: disable=g-import-not-at-top,g-bad-import-order  (benchmarks/memory.py)
@@ -122,7 +123,8 @@ def bench_jax(arch, num_runs, x, y, steps, strategy, repeats):
   memory.reset_peak_rss()
   seconds = time_fn(epoch, repeats)
   devices = f" x{engine.mesh.size}" if engine.mesh is not None else ""
-  resolved = engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices
+  chunk = f" c{engine.chunk_size(num_runs)}" if engine.resolved_member_strategy == "vmap" else ""
+  resolved = engine.resolved_member_strategy + "/" + engine.resolved_epoch_loop + devices + chunk
   if strategy != "engine":  # FLOPs and memory are reported for the engine only
     return seconds, None, resolved, {}
   mem = {"peak_rss_bytes": memory.peak_rss_bytes(), "device_peak_bytes": memory.device_peak_bytes(),
@@ -142,10 +144,12 @@ def _program_bytes(engine, state, x, y, idx, keys):
   plus the whole ensemble's state, which stays resident)."""
   # pylint: disable=protected-access
   s0 = jnp.int32(0)
-  if engine.resolved_member_strategy == "vmap":
-    if engine.resolved_epoch_loop == "scan":
-      return memory.program_bytes(engine._compiled["vmap_scan"], state, x, y, idx, keys, s0)
-    return memory.program_bytes(engine._compiled["vmap_step"], state, x, y, idx[:, 0], keys, s0)
+  if engine.resolved_member_strategy == "vmap":  # one chunk's program (Engine._chunk_epoch_fn)
+    idx_arg = idx if engine.resolved_epoch_loop == "scan" else idx[:, 0]
+    args = memory_lib.shape_chunk((state, x, y, idx_arg, keys, s0),
+                                  (True, False, False, True, True, False),
+                                  engine.chunk_size(idx.shape[0]))
+    return memory.program_bytes(engine._compiled["chunk_epoch"], *args)
   one = jax.tree_util.tree_map(lambda a: a[0], state)
   args = ((one, x, y, idx[0], keys[0], s0) if engine.resolved_epoch_loop == "scan"
           else (one, x, y, idx[0], s0, keys[0], s0))
