@@ -18,6 +18,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff import cli  # pylint: disable=g-import-not-at-top
+from jaxdiff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 from jaxdiff.report import heldout as heldout_report  # pylint: disable=g-import-not-at-top
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (subset_fraction < 1).")
@@ -32,7 +33,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = _OUT.value or os.path.join(_WORKDIR.value, "heldout")
+  out = _OUT.value or workdir_lib.heldout_dir(_WORKDIR.value)
   # Every input is checked before anything is written; a refusal is one line (cli.run).
   print(heldout_report.write_report(_WORKDIR.value, out, min_holdout=_MIN_HOLDOUT.value,
                              full_data_workdir=_FULL.value))

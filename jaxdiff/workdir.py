@@ -165,9 +165,10 @@ class MetricsLog:
   """metrics.jsonl: rewritten atomically each epoch, so a kill never leaves half a line, and a
   resumed run drops epochs after its checkpoint."""
 
-  def __init__(self, workdir: str, resume_epoch: int):
+  def __init__(self, workdir: str, resume_epoch: int, write: bool = True):
     self.path = path(workdir, "metrics")
     self.lines = []
+    self.writes = write  # False: kept in memory only (the non-primary processes of a run)
     if os.path.exists(self.path):
       with open(self.path) as f:
         for line in f:
@@ -183,7 +184,8 @@ class MetricsLog:
     clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
     self.lines += [json.dumps({k: clean(v) for k, v in r.items()}, sort_keys=True, allow_nan=False)
                    for r in records]
-    store.atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+    if self.writes:
+      store.atomic_write_text(self.path, "\n".join(self.lines) + "\n")
 
   def last_epoch(self) -> list[dict]:
     """The records of the newest logged epoch, by member."""
@@ -361,3 +363,75 @@ def read_workdir(workdir: str) -> WorkdirArrays:
   return WorkdirArrays(workdir=workdir, logits=logits, labels=labels, example_ids=example_ids,
                        mask=mask, fractions=fractions, valid=valid, noise_mask=noise, meta=meta,
                        history=history)
+
+
+def snapshot_names(workdir: str) -> list[str]:
+  """Names of the workdir's snapshots (`snapshot_file(workdir, name)` exists), sorted."""
+  names = os.listdir(path(workdir, "snapshots")) if os.path.isdir(path(workdir, "snapshots")) else ()
+  return sorted(n[:-len(".npy")] for n in names if n.endswith(".npy") and not n.startswith("."))
+
+
+@contextlib.contextmanager
+def read_lock(workdir: str):
+  """A shared `flock` on `<workdir>/.lock` while a finished workdir is read as a whole (a merge
+  of member blocks): readers share it, and a run that would write the workdir (`lock`) is
+  refused meanwhile. Nothing is created: a workdir without a lock file has no writer.
+
+  Raises:
+    WorkdirInUseError: a live run holds the workdir's (exclusive) lock.
+  """
+  lock_path = path(workdir, "lock")
+  if fcntl is None or not os.path.exists(lock_path):
+    yield
+    return
+  fd = os.open(lock_path, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise WorkdirInUseError(f"workdir {workdir!r} is in use by a running job (it holds a lock "
+                              f"on {lock_path}); wait for it to finish") from e
+    yield
+  finally:
+    os.close(fd)
+
+
+def heldout_dir(workdir: str) -> str:
+  """`<workdir>/heldout`: the default folder of a workdir's held-out report
+  (experiments/heldout.py)."""
+  return os.path.join(workdir, "heldout")
+
+
+# ----------------------------------------------------------------------------- study folders
+# A study folder (jaxdiff.study) holds training workdirs and the study's own files; name -> path
+# relative to the study folder.
+STUDY_FILES = {
+    "config": "study_config.json",  # the resolved study config (study.check_study_workdir)
+    "timings": "timings.json",  # compute seconds of every piece of work, summed over invocations
+    "runs": "runs",  # runs/<arch>/: one training workdir per architecture
+    "pruning": "pruning",  # pruning/<condition>/: one training workdir per pruned training set
+    "report": "report",  # report.md, findings.json, figures/, tables/, analysis/, fingerprint/
+    "jax_cache": "jax_cache",  # JAX's persistent compilation cache (config.compilation_cache)
+}
+# Folders of the study report (`<study>/report/<part>`) that a stage writes and caches.
+STUDY_REPORT_PARTS = ("analysis", "fingerprint")
+
+
+def study_path(study_dir: str, name: str) -> str:
+  """`<study_dir>/<file>` of one of `STUDY_FILES` (e.g. `study_path(d, "timings")`)."""
+  if name not in STUDY_FILES:
+    raise KeyError(f"unknown study file {name!r}; valid: {', '.join(STUDY_FILES)}")
+  return os.path.join(study_dir, STUDY_FILES[name])
+
+
+def study_arch_workdir(study_dir: str, arch: str) -> str:
+  """`<study_dir>/runs/<arch>`: the training workdir of one architecture."""
+  return os.path.join(study_path(study_dir, "runs"), arch)
+
+
+def study_report_dir(study_dir: str, part: str = "") -> str:
+  """`<study_dir>/report`, or its folder `part` (one of `STUDY_REPORT_PARTS`)."""
+  if part and part not in STUDY_REPORT_PARTS:
+    raise KeyError(f"unknown study report part {part!r}; valid: {', '.join(STUDY_REPORT_PARTS)}")
+  return os.path.join(study_path(study_dir, "report"), part) if part else study_path(
+      study_dir, "report")

@@ -471,3 +471,17 @@ def test_study_progress_names_each_stage(tiny, tmp_path, caplog, progress):
   done = done_stages(lines, "study")
   assert [d[0] for d in done] == stages
   assert [d[2] for d in done] == [", ".join(stages[i + 1:]) or "nothing" for i in range(5)]
+
+
+def test_study_layout_comes_from_workdir_py(tiny):
+  # The study folder's paths are workdir.py's: every one of them is where the real run wrote.
+  from jaxdiff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  wd = str(tiny["wd"])
+  for name in ("config", "timings", "runs", "pruning", "report"):
+    assert os.path.exists(workdir_lib.study_path(wd, name)), name
+  assert study.arch_workdir(wd, "mlp") == os.path.join(wd, "runs", "mlp")
+  assert study.is_trained(study.arch_workdir(wd, "mlp"))
+  for part in workdir_lib.STUDY_REPORT_PARTS:
+    assert os.path.exists(os.path.join(workdir_lib.study_report_dir(wd, part), "report.md"))
+  with pytest.raises(KeyError, match=r"unknown study file 'runz'; valid: config, timings, runs"):
+    workdir_lib.study_path(wd, "runz")

@@ -13,6 +13,7 @@ from jaxdiff import models
 from jaxdiff import pruning
 from jaxdiff import store
 from jaxdiff import train
+from jaxdiff import workdir as workdir_lib
 from jaxdiff.workdir import model_label  # pylint: disable=unused-import (re-exported)
 
 
@@ -97,7 +98,7 @@ def check_study_workdir(config: ml_collections.ConfigDict, workdir: str) -> None
   and the model of every architecture in both configs. Architectures may be added or left out, and
   analysis, fingerprint, pruning settings may change (their stages then recompute).
   """
-  path = os.path.join(workdir, "study_config.json")
+  path = workdir_lib.study_path(workdir, "config")
   resolved = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
     try:

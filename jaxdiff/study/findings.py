@@ -19,6 +19,7 @@ import pandas as pd
 from jaxdiff import fingerprint as fingerprint_lib
 from jaxdiff import pruning
 from jaxdiff import store
+from jaxdiff import workdir as workdir_lib
 from jaxdiff.analysis import Analysis
 from jaxdiff.fingerprint import selection
 from jaxdiff.report.tables import pct
@@ -198,7 +199,8 @@ def pruning_findings(results: pd.DataFrame, sets: Mapping[str, store.ScoreSet], 
 
 def load_findings(path: str) -> dict:
   """report/findings.json of a study (give the study workdir or its report folder)."""
-  for p in (os.path.join(path, "findings.json"), os.path.join(path, "report", "findings.json")):
+  for p in (os.path.join(path, "findings.json"),
+            os.path.join(workdir_lib.study_report_dir(path), "findings.json")):
     if os.path.exists(p):
       with open(p) as f:
         return json.load(f)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from jaxdiff import data as data_lib
 from jaxdiff import progress as progress_lib
+from jaxdiff import workdir as workdir_lib
 from jaxdiff.report import study as study_report
 from jaxdiff.study import findings, stages
 from jaxdiff.study.config import check_study_workdir, validate_config
@@ -47,8 +47,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   check_study_workdir(config, workdir)
   if config.get("compilation_cache", False):
-    stages.enable_compilation_cache(os.path.join(workdir, "jax_cache"))
-  out = os.path.join(workdir, "report")
+    stages.enable_compilation_cache(workdir_lib.study_path(workdir, "jax_cache"))
+  out = workdir_lib.study_report_dir(workdir)
   prog = progress_lib.Stages("study", [
       "train", "analysis", *(["fingerprint"] if config.fingerprint.enabled else []),
       *(["pruning"] if config.pruning.enabled else []), "report"], config.get("progress", True))
@@ -61,7 +61,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   key = stages.sets_key(workdirs)
   ds = data_lib.load_dataset(config.train.data, arrays)
 
-  analysis_dir = os.path.join(out, "analysis")
+  analysis_dir = workdir_lib.study_report_dir(workdir, "analysis")
   with _timed(timings, "analysis", prog):
     analysis = stages.run_analysis(
         config, sets, names, primary, analysis_dir,
@@ -71,7 +71,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str,
   if config.fingerprint.enabled:
     with _timed(timings, "fingerprint", prog):
       fp_score = choose_score(names, config.fingerprint.score or primary)
-      fp_dir = os.path.join(out, "fingerprint")
+      fp_dir = workdir_lib.study_report_dir(workdir, "fingerprint")
       fp = stages.run_fingerprint(config, sets, fp_score, fp_dir,
                                   stages.digest([key, config.fingerprint.to_dict(), fp_score]))
   if config.pruning.enabled:

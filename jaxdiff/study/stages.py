@@ -36,7 +36,8 @@ from jaxdiff.study.config import StudyError, arch_config, arch_names
 
 
 def arch_workdir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "runs", name)
+  """`<workdir>/runs/<name>`: the training workdir of architecture `name` (`workdir.py`)."""
+  return workdir_lib.study_arch_workdir(workdir, name)
 
 
 def is_trained(workdir: str) -> bool:
@@ -82,22 +83,23 @@ def find_workdirs(path: str) -> dict[str, str]:
   path = os.path.abspath(path)
   if is_trained(path):
     return {os.path.basename(path): path}
-  candidates = [path, os.path.join(path, "runs")]
-  if os.path.basename(path) == "report":
-    candidates.append(os.path.join(os.path.dirname(path), "runs"))
+  candidates = [path, workdir_lib.study_path(path, "runs")]
+  if os.path.basename(path) == workdir_lib.STUDY_FILES["report"]:
+    candidates.append(workdir_lib.study_path(os.path.dirname(path), "runs"))
   for c in candidates:
     if not os.path.isdir(c):
       continue
     found = {d: os.path.join(c, d) for d in sorted(os.listdir(c)) if is_trained(os.path.join(c, d))}
     if found:
-      order = _study_order(os.path.dirname(c) if c.endswith("runs") else c, list(found))
+      runs = c.endswith(workdir_lib.STUDY_FILES["runs"])
+      order = _study_order(os.path.dirname(c) if runs else c, list(found))
       return {n: found[n] for n in order}
   raise StudyError(f"no finished training workdir (with scores/{store.META}) in {path!r}, its "
                    "runs/ folder or, for a report folder, the study's runs/")
 
 
 def _study_order(study_dir: str, names: list[str]) -> list[str]:
-  path = os.path.join(study_dir, "study_config.json")
+  path = workdir_lib.study_path(study_dir, "config")
   try:
     with open(path) as f:
       order = list(json.load(f).get("arch_order") or [])
@@ -145,7 +147,7 @@ def _mark_done(out: str, key: str, seconds: float) -> None:
 def add_timing(workdir: str, seconds: float, *keys: str) -> None:
   """Adds `seconds` at `keys` in <workdir>/timings.json: the compute time of every piece of work
   the study did, summed over invocations (a resumed study reports what all of it cost)."""
-  path = os.path.join(workdir, "timings.json")
+  path = workdir_lib.study_path(workdir, "timings")
   try:
     with open(path) as f:
       t = json.load(f)
@@ -161,7 +163,7 @@ def add_timing(workdir: str, seconds: float, *keys: str) -> None:
 def read_timings(workdir: str) -> dict:
   """<workdir>/timings.json as {stage: seconds} with per-architecture / per-condition sums."""
   try:
-    with open(os.path.join(workdir, "timings.json")) as f:
+    with open(workdir_lib.study_path(workdir, "timings")) as f:
       t = json.load(f)
   except (OSError, json.JSONDecodeError):
     return {}
@@ -321,7 +323,8 @@ def run_pruning_stage(config: ml_collections.ConfigDict, sets: Mapping[str, stor
     prog.step("pruning", i, total, part="trainings", verb=f"done, next {name}")
 
   return pruning.run_pruning(cfg, ds, ss.get(score), ss.example_ids,
-                             os.path.join(workdir, "pruning"), fractions=tuple(pr.fractions),
+                             workdir_lib.study_path(workdir, "pruning"),
+                             fractions=tuple(pr.fractions),
                              methods=tuple(pr.methods), keep=tuple(pr.keep),
                              single_run=pr.single_run, seed=pr.seed, train_fn=train_fn,
                              on_condition=progress,
