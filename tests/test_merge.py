@@ -170,6 +170,15 @@ def _moved(first):
   return edit
 
 
+def _smaller_subset(d):
+  """A member whose subset holds 100 examples: 2 steps of 50 per epoch instead of 4 (as a
+  `subset_fraction` given per member could give)."""
+  path = d / "subset_mask.npy"
+  mask = np.load(path)
+  mask[0] = np.arange(mask.shape[1]) < 100
+  np.save(path, mask)
+
+
 # name -> (the blocks, the one line that refuses them).
 REFUSALS = {
     "overlap": (lambda r: [r["a"], r["full"]],
@@ -191,6 +200,10 @@ REFUSALS = {
              r"'.*/b_data' and '.*/a' were trained on different data "
              r"\(x_train_sha256: 00000000\.\. vs [0-9a-f]{8}\.\.\)"),
 }
+REFUSALS["steps"] = (
+    lambda r: [r["a"], _copy(r, "b", "b_steps", _smaller_subset)],
+    r"block '.*/b_steps' trains 2 steps per epoch but block '.*/a' trains 4: with "
+    r"subset_fraction=0.5 a run's members all take the steps of its smallest subset")
 CLI_CASE = "config"  # the refusal also run through the script
 
 
