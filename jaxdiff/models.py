@@ -1,4 +1,5 @@
-"""Flax models for jaxdiff: MLP, CNN (1-D and 2-D), CIFAR ResNet (skips switchable), VGG.
+"""Flax models for jaxdiff: MLP, CNN (1-D and 2-D), CIFAR ResNet (skips switchable), VGG, and
+how a user's own module is accepted (an import string or a Python object, `user_models.py`).
 
 Every model returns `(logits, out)` with `out["layers"]` the per-layer features in depth order
 and `out["pre_logits"]` the penultimate features (see docs/ARCHITECTURE.md). `MODELS` maps names to
@@ -14,6 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxdiff import user_models
 
 # He-normal (fan_in) init as in PyTorch CIFAR ResNets and the paper's models.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -283,15 +286,50 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
 }
 
 
-def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
-  """Builds `config["name"]` with the config's other fields as constructor arguments.
+def check_name(name: Any) -> None:
+  """Refuses a model name that is neither built in nor an importable `"package.module:factory"`
+  (a `"python:..."` name, a model given from Python, is checked when it is built).
+
+  Raises:
+    ValueError naming the value, the built-in names and the import-string form.
+  """
+  if name in MODELS or (isinstance(name, str) and name.startswith(user_models.PYTHON_PREFIX)):
+    return
+  if user_models.is_user_name(name):
+    user_models.resolve(name, sorted(MODELS))
+    return
+  raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(sorted(MODELS))}, or an "
+                   "import string 'package.module:factory' of your own Flax model")
+
+
+def build_model(config: Mapping[str, Any], num_classes: int, example_x: Any = None,
+                model: Any = None, need_features: bool = False) -> Any:
+  """Builds `config["name"]` with the config's other fields as constructor arguments, or a
+  user's model (an import string in `config["name"]`, or `model` from Python) in the adapter
+  `user_models.UserModel`, checked on `example_x` as vmapped members.
+
+  Args:
+    config: the model section.
+    num_classes: classes of the data.
+    example_x: `[B, ...]` a few inputs; needed for user models (their factory gets the input
+      shape, and they are traced once before any work).
+    model: a `flax.linen.Module` or a factory `(model_config, num_classes, input_shape) -> Module`.
+    need_features: representation scores are on (a bare-logits user model then needs
+      `model.layers`).
 
   Raises:
     ValueError naming an unknown architecture or field, with the valid choices.
   """
   name = config.get("name")
+  if model is not None or user_models.is_user_name(name):
+    if example_x is None:
+      raise ValueError(f"model {name!r}: a user model needs example inputs to be built")
+    if model is None:
+      check_name(name)
+    return user_models.build(config, num_classes, example_x, model=model,
+                             need_features=need_features)
   if name not in MODELS:
-    raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(sorted(MODELS))}")
+    check_name(name)
   ctor, fields = MODELS[name]
   kwargs = {k: v for k, v in dict(config).items() if k != "name"}
   unknown = sorted(set(kwargs) - set(fields))
@@ -309,4 +347,5 @@ def has_batch_norm(variables: Mapping[str, Any]) -> bool:
   return "batch_stats" in variables and bool(variables["batch_stats"])
 
 
-__all__: Sequence[str] = ("MLP", "CNN", "ResNet", "VGG", "Linear", "MODELS", "build_model")
+__all__: Sequence[str] = ("MLP", "CNN", "ResNet", "VGG", "Linear", "MODELS", "build_model",
+                             "check_name")
