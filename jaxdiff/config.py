@@ -28,6 +28,8 @@ SCORES = dict(
     vog="auto",              # VoG input-gradient variance: True | False | "auto" (if < 2 GB)
     representation=True,     # prediction depth (k-NN probes) and prototypes at the end
     knn_k=30,
+    knn_reference=0,         # prediction depth's probes on this many training examples sampled
+                             # per member (approximate, faster; 0 = all, exact)
     num_prototypes=0,        # k-means clusters for proto_selfsup (0 = number of classes)
     snapshot_epochs=(),      # extra el2n/grand/loss snapshots "<name>_e<epoch>" (Paul et al.)
     save_history=False,      # per-epoch logits in <workdir>/history/epoch_XXXX.npz
@@ -45,6 +47,10 @@ def defaults() -> ml_collections.ConfigDict:
       name="mnist1d", num_samples=5000, train_split=0.8, seed=42,  # 4,000 / 1,000
       data_dir="", path="", num_train=0, label_noise=0.0, noise_seed=0,
       kind="",               # npz/arrays: "signal" [N, L] or "image" [N, H, W, C] ("" = by rank)
+      # hf (Hugging Face datasets, data/hf.py): the input and label columns, the splits of a
+      # DatasetDict (hf_test_split="" = evaluate on the training split)
+      hf_image_column="image", hf_label_column="label", hf_train_split="train",
+      hf_test_split="test",
       # Standardise inputs with training-set statistics: None = the dataset's own default.
       normalize=ml_collections.FieldReference(None, field_type=object)))
   c.model = ml_collections.ConfigDict(dict(name="mlp", width=100, depth=2))
@@ -60,6 +66,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.member_chunk = 0         # vmapped members run in chunks of exactly this many (the last padded),
                              # so member i equals a 1-member run (0 = auto: 8 on CPU, all of a
                              # device's members on accelerators)
+  c.memory_budget_bytes = 0  # member_chunk=0: chunks sized to fit this many bytes per device from
+                             # XLA's memory analysis (0 = the device's free memory on accelerators)
   c.num_devices = 0          # shard the runs axis over this many devices (0 = all)
   c.cpu_devices = 0          # CPU only: split it into this many JAX devices at startup
                              # (0 = one per core, 1 = no split; ensemble.split_cpu)

@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
+from jaxdiff import memory
 from jaxdiff import models
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -125,6 +127,11 @@ class Engine:
       of any ensemble equals a 1-member run of member i, bit for bit on CPU. 0 = auto
       (`CPU_MEMBER_CHUNK` on CPU; all members of a device on accelerators, where a wide vmap
       fills the chip but a member's rounding then depends on the ensemble's size).
+    memory_budget: with `member_chunk=0`, bytes a device may use for a chunk's program: the
+      chunk is then the most members that fit (`memory.chunk_from_programs`, sized at the
+      first epoch from XLA's memory analysis; at most `CPU_MEMBER_CHUNK` on CPU). 0 = the
+      device's free memory on accelerators (all of a device's members where it is not
+      reported), `CPU_MEMBER_CHUNK` on CPU.
   """
   model: nn.Module
   tx: optax.GradientTransformation
@@ -133,6 +140,7 @@ class Engine:
   epoch_loop: str = "auto"
   mesh: Mesh | None = None
   member_chunk: int = 0
+  memory_budget: int = 0
 
   def __post_init__(self):
     if self.member_strategy not in MEMBER_STRATEGIES:
@@ -186,9 +194,16 @@ class Engine:
                         for a in jax.tree_util.tree_leaves(stacked_params))
     self.resolved_member_strategy, self.resolved_epoch_loop = resolve_strategy(
         self.member_strategy, self.epoch_loop, backend, conv, member_params)
-    self.resolved_member_chunk = self.member_chunk or (CPU_MEMBER_CHUNK if backend == "cpu" else 0)
+    if not isinstance(self.memory_budget, int) or self.memory_budget < 0:
+      raise ValueError(f"memory_budget={self.memory_budget!r}: need an int >= 0 bytes (0 = the "
+                       "device's free memory)")
+    # Sized from memory at the first epoch (chunk_size), once the chunk program's shapes are known.
+    self._chunk_from_memory = not self.member_chunk and (backend != "cpu" or self.memory_budget > 0)
+    self.chunk_plan = None
+    self.resolved_member_chunk = self.member_chunk or (
+        CPU_MEMBER_CHUNK if backend == "cpu" and not self._chunk_from_memory else 0)
     if self.mesh is not None and self.resolved_member_strategy == "loop":
-      if backend == "cpu":
+      if backend == "cpu" and jax.process_count() == 1:
         # Members that loop (XLA convolutions, wide dense layers) already use every core, and
         # sharded they would have to run vmapped, 2-3x slower: loop on one device instead.
         logging.info("member_strategy=loop on CPU: members run on one device, not sharded over "
@@ -197,7 +212,8 @@ class Engine:
       else:
         self.resolved_member_strategy = "vmap"  # sharding needs one program over the runs axis
     g = self.resolved_member_chunk
-    if self.mesh is not None and self.resolved_member_strategy == "vmap" and g:
+    if self.mesh is not None and self.resolved_member_strategy == "vmap" and g and (
+        jax.process_count() == 1):  # (several processes: each keeps its devices' members)
       # No more devices than chunks: a device with fewer members than a chunk computes a whole
       # padded chunk (4 members over 2 devices would compute 16 member-epochs, on one 8).
       num_runs = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
@@ -212,7 +228,7 @@ class Engine:
     """Places the leading runs axis of every leaf on the mesh (no-op without a mesh)."""
     if self.mesh is None:
       return tree
-    return jax.device_put(tree, NamedSharding(self.mesh, P("runs")))
+    return _put_global(tree, NamedSharding(self.mesh, P("runs")))
 
   def place(self, tree, num_runs: int):
     """Lays out device arrays as the engine's state is: leaves with a leading `[num_runs]` axis
@@ -229,7 +245,7 @@ class Engine:
   def replicate(self, tree):
     if self.mesh is None:
       return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+    return _put_global(tree, NamedSharding(self.mesh, P()))
 
   # ------------------------------------------------------------------ the step
 
@@ -253,15 +269,20 @@ class Engine:
     if self.augment and x.ndim == 4:
       x = data_lib.augment_images(jax.random.fold_in(aug_key, step), x)
     has_bn = bool(st.batch_stats)
+    # User models (models.build_model's adapter) get a per-member, per-step "dropout" stream;
+    # built-in models have no randomness in training and are called as before (bit-identical).
+    rngs = ({"rngs": {"dropout": jax.random.fold_in(jax.random.fold_in(aug_key, step),
+                                                    _DROPOUT_STREAM)}}
+            if getattr(self.model, "needs_rngs", False) else {})
 
     def loss_fn(params):
       v = {"params": params}
       if has_bn:
         v["batch_stats"] = st.batch_stats
-        (logits, _), upd = self.model.apply(v, x, train=True, mutable=["batch_stats"])
+        (logits, _), upd = self.model.apply(v, x, train=True, mutable=["batch_stats"], **rngs)
         new_bs = upd["batch_stats"]
       else:
-        logits, _ = self.model.apply(v, x, train=True)
+        logits, _ = self.model.apply(v, x, train=True, **rngs)
         new_bs = st.batch_stats
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       return losses.mean(), (losses, logits, new_bs)
@@ -327,18 +348,41 @@ class Engine:
       return state, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), out)
     return jax.jit(epoch, donate_argnums=(0,))
 
-  def member_blocks(self, num_runs: int) -> list[tuple[Any, int, int]]:
+  def member_blocks(self, num_runs: int, local: bool = False) -> list[tuple[Any, int, int]]:
     """How the runs axis lies on devices: `[(device, first, stop)]`, one block per device (the
-    mesh's row blocks, or every member on the one device without a mesh)."""
+    mesh's row blocks, or every member on the one device without a mesh); with `local`, only
+    the blocks on this process's devices (all of them in a single-process run)."""
     if self.mesh is None:
       return [(None, 0, num_runs)]
     per = num_runs // self.mesh.size
-    return [(d, k * per, (k + 1) * per) for k, d in enumerate(self.mesh.devices.flat)]
+    return [(d, k * per, (k + 1) * per) for k, d in enumerate(self.mesh.devices.flat)
+            if not local or d.process_index == jax.process_index()]
 
-  def chunk_size(self, num_runs: int) -> int:
+  def chunk_size(self, num_runs: int, program: tuple[Callable, tuple] | None = None) -> int:
     """Members per vmapped chunk: `resolved_member_chunk`, or (0, accelerators) all members of a
-    device."""
-    block = max(stop - first for _, first, stop in self.member_blocks(num_runs))
+    device.
+
+    With `member_chunk=0` on an accelerator (or a `memory_budget`), the first call given the
+    chunk program `(jitted fn, its arguments for all members)` sizes the chunk from XLA's memory
+    analysis of `fn` at 1 and 2 members against the budget (`memory.chunk_from_programs`), and
+    keeps it (`resolved_member_chunk`, `chunk_plan`) for training and scoring alike.
+    """
+    blocks = self.member_blocks(num_runs)
+    block = max(stop - first for _, first, stop in blocks)
+    if getattr(self, "_chunk_from_memory", False) and program is not None:
+      fn, args = program
+      budget = self.memory_budget or memory.free_bytes(
+          [d for d, _, _ in blocks] if blocks[0][0] is not None else jax.local_devices()[:1])
+      self._chunk_from_memory = False
+      if budget:
+        resident = memory.tree_bytes(args[1:3])  # the training set: on the device already
+        lower = lambda c: (fn.lower(*memory.shape_chunk(
+            args, (True, False, False, True, True, False), c)).compile(), resident)
+        self.chunk_plan = memory.chunk_from_programs(
+            lower, block, budget, CPU_MEMBER_CHUNK if jax.default_backend() == "cpu" else 0)
+        self.resolved_member_chunk = self.chunk_plan.chunk
+        logging.info("member chunks of %d (of %d members per device) from memory: %s",
+                     self.chunk_plan.chunk, block, self.chunk_plan)
     return self.resolved_member_chunk or block
 
   def _chunked_epoch(self, state, x_all, y_all, idx, aug_keys, step0):
@@ -346,7 +390,10 @@ class Engine:
     with copies of its last member, whose results are dropped), one chunk's epoch after another,
     every chunk through the same compiled program (`_chunk_epoch_fn`)."""
     fn = self._get("chunk_epoch", self._chunk_epoch_fn)
-    chunk = self.chunk_size(idx.shape[0])
+    idx_arg = idx if self.resolved_epoch_loop == "scan" else jax.ShapeDtypeStruct(
+        idx.shape[:1] + idx.shape[2:], idx.dtype)  # one step's batches
+    chunk = self.chunk_size(idx.shape[0], (fn, (state, x_all, y_all, idx_arg, aug_keys,
+                                                jnp.int32(step0))))
     take, join = self._get("take_chunk", _take_chunk_fn), self._get("join", _join_fn)
     step0 = jnp.int32(step0)
 
@@ -369,7 +416,7 @@ class Engine:
 
     # One thread per device: XLA:CPU runs a program on the thread that dispatches it, so the
     # devices' blocks only overlap when dispatched from threads of their own.
-    blocks = _local_blocks((state, idx, aug_keys), self.member_blocks(idx.shape[0]))
+    blocks = _local_blocks((state, idx, aug_keys), self.member_blocks(idx.shape[0], local=True))
     new_blocks = _per_device(block, blocks)
     return _assemble(new_blocks, self.mesh, idx.shape[0])
 
@@ -399,8 +446,14 @@ class Engine:
         outs.append(jax.tree_util.tree_map(lambda a, k=min(chunk, n - first): a[:k], res))
       return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
 
-    results = _per_device(block, _local_blocks(tree, self.member_blocks(num_runs)))
-    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *results)
+    results = _per_device(block, _local_blocks(tree, self.member_blocks(num_runs, local=True)))
+    local = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *results)
+    if jax.process_count() == 1 or self.mesh is None:
+      return local
+    # Each process holds the contiguous members of its devices (the mesh lists devices process
+    # by process): every process gets every member's results, in member order.
+    return jax.tree_util.tree_map(lambda a: np.asarray(multihost_utils.process_allgather(
+        a, tiled=True)), local)
 
   def _on_device(self, array, device):
     """`array` (replicated over the mesh, or on one device) as a single-device array."""
@@ -493,6 +546,10 @@ class Engine:
     return out[:, :n]
 
 
+# Folded into a member's augmentation key of a step for its dropout key ("drop").
+_DROPOUT_STREAM = 0x64726F70
+
+
 # Members this large (parameters) have matmuls big enough to fill the CPU on their own; batched
 # over members they ran slower (MLP width 1024: vmap 0.81-0.95x a loop, BENCHMARKS.md).
 CPU_LOOP_MIN_PARAMS = 2**18
@@ -550,6 +607,25 @@ def _local_blocks(tree, blocks):
       return jax.device_put(a[first:stop], device)  # not laid out on the mesh (yet)
     out.append((device, jax.tree_util.tree_map(piece, tree)))
   return out
+
+
+def _put_global(tree, sharding):
+  """`jax.device_put(tree, sharding)`, also where the sharding spans other processes' devices
+  (multi-process runs): every process holds the whole value (host data, or an array computed
+  alike on each process) and contributes the shards of its own devices."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return a if a.sharding == sharding else jax.jit(lambda x: x, out_shardings=sharding)(a)
+    if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      data = one(jax.random.key_data(a))
+      return jax.jit(jax.random.wrap_key_data, out_shardings=sharding,
+                     static_argnames="impl")(data, impl=jax.random.key_impl(a))
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(one, tree)
 
 
 def _per_device(fn, blocks):
@@ -630,6 +706,12 @@ def make_mesh(num_runs: int, num_devices: int = 0) -> Mesh | None:
   Returns None when only one device would be used.
   """
   devices = jax.devices()
+  if jax.process_count() > 1:
+    # Every process trains the members of its own devices: all devices, each an equal block.
+    if num_runs % len(devices):
+      raise ValueError(f"num_runs={num_runs} is not divisible by the {len(devices)} devices of "
+                       f"{jax.process_count()} processes; use a multiple of {len(devices)}")
+    return Mesh(np.array(devices), ("runs",))
   limit = len(devices) if num_devices <= 0 else min(num_devices, len(devices))
   d = max(k for k in range(1, limit + 1) if num_runs % k == 0)
   if d < limit:

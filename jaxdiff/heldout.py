@@ -478,11 +478,11 @@ def load_report(workdir: str, *, min_holdout: int = 2, full_data_workdir: str | 
       or given for a workdir without label noise.
   """
   prog = progress_lib.Stages("heldout", ("read", *STAGES), progress)
-  prog.plan(workdir)
   w = read_workdir(workdir)
   if not w.has_subsets:
     raise ValueError(f"{workdir} was trained without subsets (every member saw every example): "
                      "retrain with --config.subset_fraction=0.5")
+  prog.plan(workdir)  # once the workdir is known to be one (bad input stays one error line)
   noisy = w.noise_mask is not None and bool(w.noise_mask.any())
   full = None
   if full_data_workdir:

@@ -53,6 +53,10 @@ def validate(config: Mapping[str, Any], num_epochs: int | None = None) -> None:
     raise ValueError(f"scores.vog={opts['vog']!r}: valid values are True, False, 'auto'")
   if int(opts["knn_k"]) <= 0:
     raise ValueError(f"scores.knn_k={opts['knn_k']}: must be positive")
+  ref = opts["knn_reference"]
+  if isinstance(ref, bool) or not isinstance(ref, int) or ref < 0 or 0 < ref <= int(opts["knn_k"]):
+    raise ValueError(f"scores.knn_reference={ref!r}: valid values are 0 (all training examples) "
+                     f"or an int above knn_k={opts['knn_k']}")
   if int(opts["chunk_size"]) < 0:
     raise ValueError(f"scores.chunk_size={opts['chunk_size']}: must be positive (or 0 = auto)")
   snaps = list(opts["snapshot_epochs"] or ())
@@ -120,8 +124,9 @@ class Recorder:
       self._chunk, self._grad_chunk = (
           S.point.auto_chunk_size(self.apply_fn, v0, self.ds.x_train, members, backward=b)
           for b in (False, True))
-      logging.info("scoring in chunks of %d examples, %d with gradients (scores.chunk_size=0: "
-                   "auto)", self._chunk, self._grad_chunk)
+      if self.progress:
+        logging.info("scoring in chunks of %d examples, %d with gradients (scores.chunk_size=0: "
+                     "auto)", self._chunk, self._grad_chunk)
     return v
 
   @property
@@ -215,7 +220,9 @@ class Recorder:
     timer("features")
     out = {"prediction_depth": S.prediction_depth(layers, y, None, logits.argmax(-1),
                                                   k=int(self.opts["knn_k"]),
-                                                  on_layer=timer.layer)}
+                                                  on_layer=timer.layer,
+                                                  reference=int(self.opts["knn_reference"]),
+                                                  member_ids=self.member_ids)}
     timer("prediction_depth")
     k = int(self.opts["num_prototypes"]) or self.ds.num_classes
     out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
@@ -257,7 +264,8 @@ class Recorder:
     for f in families:
       out.update(getattr(self, f"_final_{f}")(v, logits, timer))
     self.timings = timer.times
-    logging.info("final scoring times (s): %s", timer.times)
+    if self.progress:
+      logging.info("final scoring times (s): %s", timer.times)
     diverged = distributed.gather(state.diverged)
     out = S.orient(out, strict=False)
     out = {k: np.where(diverged[:, None], np.nan, val).astype(np.float32) for k, val in out.items()}

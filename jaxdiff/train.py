@@ -8,6 +8,7 @@ as an uninterrupted run; a workdir written with a different config is refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -20,21 +21,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from jaxdiff import checksums
+from jaxdiff import checkpoints
 from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
+from jaxdiff import distributed
 from jaxdiff import ensemble as ens
 from jaxdiff import models
 from jaxdiff import recording
 from jaxdiff import scores as scores_lib
 from jaxdiff import store
+from jaxdiff import user_models
 from jaxdiff import workdir as workdir_lib
 
 # Config fields that may change between a run and its resumption without changing its numbers.
 # member_chunk, member_strategy and epoch_loop change the programs members run through, so
-# their rounding: a resumed run would drift from one never stopped.
+# their rounding: a resumed run would drift from one never stopped; so does memory_budget_bytes,
+# which sizes the chunks. (A workdir older than a field resumes while the field keeps its
+# default: check_workdir.)
 RESUME_SAFE_FIELDS = frozenset({"checkpoint_every", "progress", "num_devices", "cpu_devices",
                                 "eval_chunk_size", "scores.chunk_size"})
 
@@ -57,8 +61,7 @@ class DivergenceError(RuntimeError):
   """Every member of the ensemble diverged."""
 
 
-class CheckpointError(RuntimeError):
-  """The workdir has checkpoints, but none of them can be read back."""
+CheckpointError = checkpoints.CheckpointError  # where callers have caught it
 
 
 def flatten_config(d: Mapping[str, Any], prefix="") -> dict:
@@ -81,13 +84,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = config.get(field)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
       raise ConfigError(f"config.{field}={v!r}: must be a positive integer")
-  for field in ("checkpoint_every", "first_member", "cpu_devices", "member_chunk"):
+  for field in ("checkpoint_every", "first_member", "cpu_devices", "member_chunk",
+                "memory_budget_bytes"):
     v = config.get(field, 0)
     if not isinstance(v, int) or v < 0:
       raise ConfigError(f"config.{field}={v!r}: must be a non-negative integer")
-  if config.model.get("name") not in models.MODELS:
-    raise ConfigError(f"unknown architecture {config.model.get('name')!r}; valid: "
-                      f"{', '.join(sorted(models.MODELS))}")
+  try:
+    models.check_name(config.model.get("name"))  # built in, or "package.module:factory"
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   ens.make_optimizer(config.optim, 1, 1)  # raises on unknown names / bad values
   for field, valid in (("member_strategy", ens.MEMBER_STRATEGIES), ("epoch_loop", ens.EPOCH_LOOPS)):
     if config.get(field, "auto") not in valid:
@@ -106,7 +111,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"[0, num_epochs={config.num_epochs})")
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, write: bool = True
+                  ) -> dict | None:
   """Writes config.json in a new workdir; refuses a workdir written by another config.
 
   The `scores` section alone may change on a finished workdir (trained to `num_epochs`, scores
@@ -116,7 +122,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | Non
 
   Returns:
     None, or for such a change `{"groups": score groups to compute, "drop": stored scores they
-    replace}`.
+    replace}`. With `write=False` (the other processes of a multi-process run, once the primary
+    has checked and written) nothing is written.
   """
   path = workdir_lib.path(workdir, "config")
   resolved = json.loads(config.to_json_best_effort())
@@ -128,6 +135,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | Non
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConfigError(f"{path} is corrupt ({e}); remove the workdir or fix the file") from e
     a, b = flatten_config(old), flatten_config(resolved)
+    # A field the workdir's config predates counts as unchanged while it keeps its default.
+    table = flatten_config(json.loads(config_lib.defaults().to_json_best_effort()))
+    a.update({k: table[k] for k in set(b) - set(a) if k in table and b[k] == table[k]})
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_FIELDS)
     describe = lambda keys: "; ".join(f"{k}: workdir has {a.get(k)!r}, config has {b.get(k)!r}"
                                       for k in keys[:8])
@@ -136,6 +146,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | Non
                         " Use a new --workdir, or the original config to resume.")
     if diff:
       rescore = _rescore_plan(workdir, config, diff, describe)
+  if not write:
+    return rescore
   os.makedirs(workdir, exist_ok=True)
   # Temporaries of writes cut short by a kill (checkpoints/ is Orbax's to manage).
   for stale in store.remove_stale_temporaries(workdir, skip=(workdir_lib.FILES["checkpoints"],)):
@@ -216,13 +228,16 @@ def _progress(epoch, num_epochs, records, seconds, enabled):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       arrays: Mapping[str, np.ndarray] | None = None) -> dict:
+                       arrays: Mapping[str, np.ndarray] | None = None, model: Any = None) -> dict:
   """Trains `config.num_runs` members, records scores and writes everything to `workdir`.
 
   Args:
     config: see experiments/configs/default.py.
     workdir: output directory (created; resumed when it holds a checkpoint of the same config).
     arrays: training data for `config.data.name == "arrays"`.
+    model: your own `flax.linen.Module`, or a factory `(model_config, num_classes, input_shape)
+      -> Module`, instead of `config.model.name` (which the run then records as
+      "python:<qualified name>"; see jaxdiff/user_models.py).
 
   Returns:
     a summary dict: final per-member test accuracy `[R]`, diverged `[R]`, dataset fingerprint.
@@ -231,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ConfigError: a bad config, a workdir of another config, or one another live run holds.
   """
   with contextlib.ExitStack() as held:  # the workdir's lock, once taken
-    return _train_and_evaluate(config, workdir, arrays, held)
+    return _train_and_evaluate(config, workdir, arrays, held, model)
 
 
 @dataclasses.dataclass
@@ -274,13 +289,22 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray] | None = None,
-          workdir: str | None = None) -> Run:
+          workdir: str | None = None, model: Any = None) -> Run:
   """Validates `config` (also against its data) and builds the run's data, model, engine and
-  initial state, as training does before its first step."""
+  initial state, as training does before its first step (`model`: see train_and_evaluate)."""
+  if model is not None and not str(config.model.get("name")).startswith("python:"):
+    config = copy.deepcopy(config)
+    config.model.name = user_models.label(model)
   validate_config(config)
   ds = data_lib.load_dataset(config.data, arrays)
   validate_against_data(config, ds)
-  model = models.build_model(config.model, ds.num_classes)
+  need_features = bool({**recording.DEFAULTS, **dict(config.get("scores", {}) or {})}
+                       ["representation"])
+  try:
+    model = models.build_model(config.model, ds.num_classes, ds.x_train[:2], model=model,
+                               need_features=need_features)
+  except user_models.ModelError as e:
+    raise ConfigError(str(e)) from e
   num_runs, bs, num_epochs = config.num_runs, config.batch_size, config.num_epochs
   member_ids = np.arange(config.get("first_member", 0), config.get("first_member", 0) + num_runs)
   fractions = member_fractions(config.get("subset_fraction", 1.0), member_ids)
@@ -298,11 +322,13 @@ def setup(config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray] | 
   engine = ens.Engine(model, tx, augment=bool(config.get("augment", False)) and ds.kind == "image",
                       member_strategy=config.get("member_strategy", "auto"),
                       epoch_loop=config.get("epoch_loop", "auto"), mesh=mesh,
-                      member_chunk=config.get("member_chunk", 0))
+                      member_chunk=config.get("member_chunk", 0),
+                      memory_budget=config.get("memory_budget_bytes", 0))
   init_keys, data_keys, aug_keys = ens.member_keys(config.seed, member_ids)
   scales = list(config.optim.get("member_lr_scale", ()) or ())
   state = engine.init(init_keys, ds.x_train[:1], np.asarray(scales) if scales else None)
-  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs, workdir,
+  recorder = recording.Recorder(config.get("scores", {}), engine, ds, num_runs,
+                                workdir if distributed.is_primary() else None,
                                 member_ids=member_ids, progress=bool(config.get("progress", True)))
   recorder.state = engine.place(recorder.state, num_runs)
   return Run(config=config, ds=ds, model=model, engine=engine, member_ids=member_ids,
@@ -321,20 +347,8 @@ def restore(run: Run, workdir: str, epoch: int | None = None):
   Raises:
     CheckpointError: no such checkpoint (naming the saved epochs), or it cannot be read.
   """
-  ckpt_dir = workdir_lib.checkpoints_dir(workdir)
-  steps = workdir_lib.saved_epochs(workdir)
-  if not steps or (epoch is not None and epoch not in steps):
-    raise CheckpointError(f"{ckpt_dir} has no checkpoint of epoch {epoch if epoch else 'any'} "
-                          f"(saved epochs: {steps or 'none'})")
-  epoch = steps[-1] if epoch is None else epoch
-  step_dir = workdir_lib.checkpoint_dir(workdir, epoch)
   target = run.target()
-  try:
-    checksums.verify(step_dir)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"), target)
-  except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
-    raise CheckpointError(f"checkpoint {step_dir} cannot be read: {type(e).__name__}: "
-                          f"{str(e)[:300]}") from e
+  epoch, restored = checkpoints.restore_epoch(workdir, target, epoch)
   return epoch, *_place_restored(run, restored, target)
 
 
@@ -346,35 +360,38 @@ def _place_restored(run: Run, restored, target):
   return state, run.engine.place(rec, run.num_runs)
 
 
-def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> dict:
-  run = setup(config, arrays, workdir)
+def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack, model=None) -> dict:
+  run = setup(config, arrays, workdir, model)
+  config = run.config  # with a Python model, its "python:..." name
   ds, engine, recorder = run.ds, run.engine, run.recorder
   num_runs, bs, num_epochs = config.num_runs, config.batch_size, config.num_epochs
   steps_per_epoch, data_keys, aug_keys = run.steps_per_epoch, run.data_keys, run.aug_keys
   state = run.state
   x_train, y_train = engine.replicate(jnp.asarray(ds.x_train)), engine.replicate(jnp.asarray(ds.y_train))
   mask_dev = None if run.subset_mask is None else engine.shard(jnp.asarray(run.subset_mask))
-  held.enter_context(workdir_lock(workdir))  # only once everything above has validated
-  rescore = check_workdir(workdir, config)
+  primary = distributed.is_primary()  # the process that writes (every process in one alone)
 
-  ckpt_dir = workdir_lib.checkpoints_dir(workdir)
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2,
-                                                                              create=True))
+  def check():  # the lock and config.json: the primary's, only once everything above validated
+    if primary:
+      held.enter_context(workdir_lock(workdir))
+    return check_workdir(workdir, config, write=primary)
+  rescore = distributed.run_primary_first("checking the workdir", check)
+
+  ckpts = checkpoints.Checkpoints(workdir)
   start_epoch = 0
   target = run.target()
-  restored_epoch, restored = _restore_newest_readable(mngr, target, workdir)
+  restored_epoch, restored = ckpts.restore_newest(target)
   if restored is not None:
     start_epoch = restored_epoch
     state, recorder.state = _place_restored(run, restored, target)
     logging.info("resumed %s from epoch %d", workdir, start_epoch)
-  log = workdir_lib.MetricsLog(workdir, start_epoch)
+  log = workdir_lib.MetricsLog(workdir, start_epoch, write=primary)
   if start_epoch == num_epochs and rescore is None and workdir_lib.scores_complete(workdir):
     logging.info("%s is complete (%d epochs trained, scores written): nothing to do", workdir,
                  num_epochs)
     _progress_done(workdir, config.get("progress", True))
     return _summary(run, state, log)
   every = config.get("checkpoint_every", 1) or num_epochs
-  unsealed = None  # the step saved last, whose checksums are not written yet
 
   for epoch in range(start_epoch + 1, num_epochs + 1):
     t0 = time.perf_counter()
@@ -386,17 +403,15 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     log.write(records)
-    _progress(epoch, num_epochs, records, seconds, config.get("progress", True))
-    diverged = np.asarray(state.diverged)
+    _progress(epoch, num_epochs, records, seconds, config.get("progress", True) and primary)
+    diverged = distributed.gather(state.diverged)
     if diverged.all():
       raise DivergenceError(
           f"all {num_runs} members diverged (non-finite loss) by epoch {epoch}; first at steps "
-          f"{np.asarray(state.diverged_step).tolist()}. Lower optim.lr={config.optim.lr}?")
+          f"{distributed.gather(state.diverged_step).tolist()}. Lower optim.lr={config.optim.lr}?")
     if epoch % every == 0 or epoch == num_epochs:
-      _seal(mngr, unsealed)  # the previous save, finished by now or waited for here
-      mngr.save(epoch, args=ocp.args.StandardSave({"state": state, "recorder": recorder.state}))
-      unsealed = epoch
-  _seal(mngr, unsealed)
+      ckpts.save(epoch, {"state": state, "recorder": recorder.state})
+  ckpts.finish()
 
   if rescore is not None and start_epoch == num_epochs and workdir_lib.scores_complete(workdir):
     # A finished workdir whose scores section changed: only the changed score groups.
@@ -406,10 +421,15 @@ def _train_and_evaluate(config, workdir, arrays, held: contextlib.ExitStack) -> 
     logging.info("computed %s from the final checkpoint", sorted(rescore["groups"]) or "nothing")
   else:
     final, ensemble_scores = recorder.finalize(state)
-  write_scores(run, workdir, state, final, ensemble_scores)
-  if rescore is not None:
-    store.atomic_write_json(workdir_lib.path(workdir, "config"),
-                            json.loads(config.to_json_best_effort()))
+  # Gathered on every process (a collective) before the primary alone writes.
+  state = state.replace(diverged=distributed.gather(state.diverged),
+                        diverged_step=distributed.gather(state.diverged_step))
+  if primary:
+    write_scores(run, workdir, state, final, ensemble_scores)
+    if rescore is not None:
+      store.atomic_write_json(workdir_lib.path(workdir, "config"),
+                              json.loads(config.to_json_best_effort()))
+  distributed.barrier("scores written")  # every process returns once the workdir is complete
   return _summary(run, state, log)
 
 
@@ -421,8 +441,8 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
   meta = {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
           "arch": workdir_lib.arch_label(config), "seed": config.seed,
           "member_ids": run.member_ids.tolist(), "num_epochs": config.num_epochs,
-          "diverged": np.asarray(state.diverged).tolist(),
-          "diverged_step": np.asarray(state.diverged_step).tolist(),
+          "diverged": distributed.gather(state.diverged).tolist(),
+          "diverged_step": distributed.gather(state.diverged_step).tolist(),
           "subset_fractions": run.fractions.tolist()}
   meta["orientation"] = ("higher is harder: scores whose natural value is higher-is-easier are "
                          "stored negated (listed in 'negated')")
@@ -451,7 +471,7 @@ def write_scores(run: Run, workdir: str, state, final: Mapping[str, np.ndarray],
 def _summary(run: Run, state, log) -> dict:
   test_acc = np.array([r["test_acc"] for r in log.last_epoch()])
   return {"test_acc": test_acc, "scoring_seconds": run.recorder.timings,
-          "diverged": np.asarray(state.diverged), "state": state,
+          "diverged": distributed.gather(state.diverged), "state": state,
           "dataset": run.ds.fingerprint(), "engine": run.engine}
 
 
@@ -477,64 +497,6 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
   return buf.getvalue()
-
-
-def _seal(mngr: ocp.CheckpointManager, step: int | None) -> None:
-  """Waits for the save of `step` (Orbax saves asynchronously) and writes its checksums."""
-  mngr.wait_until_finished()
-  if step is not None and step in mngr.all_steps():
-    checksums.write(os.path.join(str(mngr.directory), str(step)))
-
-
-def _restore_newest_readable(mngr: ocp.CheckpointManager, target, workdir: str):
-  """Restores the newest checkpoint that reads back, falling back to older ones.
-
-  Orbax writes a step atomically, but a file inside it can still be lost, truncated or changed
-  later (a disk error, a copy cut short, a flipped bit). Each step's files are checked against
-  the SHA-256 recorded once its save finished (`jaxdiff.checksums`; Orbax keeps no checksums of
-  array data) and then restored. A step that fails either is moved to
-  `<workdir>/corrupt_checkpoints/<step>` (kept for inspection; its step number is then free to be
-  written again) and training resumes from the older step, which gives the same final result
-  (training is deterministic), only later. A step without checksums (the run was killed between
-  Orbax's write and theirs) is trusted if it restores, and gets them then.
-
-  Returns:
-    (epoch, restored pytree), or (0, None) when the workdir has no checkpoint.
-
-  Raises:
-    CheckpointError naming every step, its path and why it could not be read, when none can.
-  """
-  failures = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    step_dir = os.path.join(str(mngr.directory), str(step))
-    try:
-      verified = checksums.verify(step_dir)
-      restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
-      failures.append((step, e))
-      continue
-    if not verified:
-      checksums.write(step_dir)
-    for bad, e in failures:
-      src = os.path.join(str(mngr.directory), str(bad))
-      dest = workdir_lib.corrupt_checkpoint_dir(workdir, bad)
-      while os.path.exists(dest):
-        dest += "_"
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      os.replace(src, dest)
-      logging.warning("checkpoint of epoch %d is unreadable (%s: %.300s); moved it to %s and "
-                      "resumed from epoch %d", bad, type(e).__name__, e, dest, step)
-    if failures:
-      mngr.reload()
-    return int(step), restored
-  if failures:
-    details = "; ".join(f"epoch {s} ({os.path.join(str(mngr.directory), str(s))}): "
-                        f"{type(e).__name__}: {str(e)[:300]}" for s, e in failures)
-    raise CheckpointError(
-        f"no checkpoint in {mngr.directory} can be read back: {details}. Delete that directory to "
-        "train this workdir again from the start (same result, deterministic), or restore it "
-        "from a backup.")
-  return 0, None
 
 
 def _like(restored, live):

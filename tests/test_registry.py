@@ -99,7 +99,8 @@ def test_derived_lists_equal_the_hand_written_ones_they_replace():
   assert recording.RECORDED_IN_TRAINING == ("minibatch", "vog", "snapshot_epochs", "save_history")
   assert recording.OPTION_GROUPS == {
       "grand": "grand", "grand_method": "grand", "representation": "representation",
-      "knn_k": "representation", "num_prototypes": "representation", "chunk_size": None}
+      "knn_k": "representation", "knn_reference": "representation",
+      "num_prototypes": "representation", "chunk_size": None}
   assert recording.GROUP_SCORES == {
       "grand": ("grand",),
       "representation": ("prediction_depth", "proto_supervised", "proto_selfsup")}

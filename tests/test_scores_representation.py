@@ -331,3 +331,14 @@ def test_prediction_depth_reference_subset_agrees_with_exact():
   rho = stats.spearmanr(approx.ravel(), exact.ravel())[0]
   assert equal >= 0.7 and rho >= 0.5, (equal, rho)
 
+
+@pytest.mark.parametrize("bad", [-1, 5, 10, 2.5, "all", True])
+def test_knn_reference_option_is_validated(bad):
+  # One line naming the bad value and the valid choices, before any training.
+  from jaxdiff import recording  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as err:
+    recording.validate({"knn_k": 10, "knn_reference": bad})
+  assert str(err.value) == (f"scores.knn_reference={bad!r}: valid values are 0 (all training "
+                            "examples) or an int above knn_k=10")
+  recording.validate({"knn_k": 10, "knn_reference": 11})
+  recording.validate({"knn_k": 10, "knn_reference": 0})

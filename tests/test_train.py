@@ -56,6 +56,21 @@ def test_resume_refuses_other_config(tmp_path):
                              str(tmp_path))
 
 
+def test_workdir_older_than_a_default_field_resumes_while_it_keeps_its_default(tmp_path):
+  c = tiny_config("mlp", num_epochs=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  # A workdir written before `batch_size`'s neighbour `member_chunk` existed (a field added later).
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["member_chunk"]
+  path.write_text(json.dumps(old))
+  before = train.read_metrics(str(tmp_path))
+  train.train_and_evaluate(c, str(tmp_path))  # the default value: the same config (rewritten)
+  assert train.read_metrics(str(tmp_path)) == before
+  with pytest.raises(train.ConfigError, match=r"member_chunk: workdir has 0, config has 4"):
+    train.train_and_evaluate(tiny_config("mlp", num_epochs=2, member_chunk=4), str(tmp_path))
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"model.name": "transformer"}, "unknown architecture 'transformer'; valid: cnn, linear, mlp"),
     ({"optim.name": "lamb"}, "unknown optimiser 'lamb'"),

@@ -50,7 +50,7 @@ FAMILIES = {f.name: f for f in (
            ("minibatch",)),
     Family("vog", "epoch", "jaxdiff.scores.trajectory.VoGAccumulator.finalize", ("vog",)),
     Family("representation", "final", "jaxdiff.scores.representation.prediction_depth and "
-           "prototype_scores", ("representation", "knn_k", "num_prototypes")),
+           "prototype_scores", ("representation", "knn_k", "knn_reference", "num_prototypes")),
     Family("ensemble", "ensemble", "jaxdiff.scores.members.ensemble_scores", in_store=False),
     Family("input_grad", "posthoc", "jaxdiff.posthoc.input_grad_norms"),
     Family("heldout", "heldout", "jaxdiff.heldout.heldout_difficulty (held-out members)",
