@@ -345,22 +345,20 @@ def _same_names(blocks, names_of, what: str) -> list[str]:
     if n != names[0]:
       extra = sorted(set(n) ^ set(names[0]))
       raise BlockError(f"block {b.workdir!r} and block {blocks[0].workdir!r} hold different "
-                       f"{what} ({', '.join(extra[:4])} in only one)")
+                       f"{what} ({', '.join(map(str, extra[:4]))} in only one)")
   return names[0]
 
 
 def _write_history(blocks, out) -> None:
-  files = _same_names(blocks, lambda b: [os.path.basename(p) for p in
-                                         workdir_lib.history_paths(b.workdir)], "history/ files")
-  if not files:
+  epochs = _same_names(blocks, lambda b: workdir_lib.history_epochs(b.workdir), "history/ files")
+  if not epochs:
     return
   os.makedirs(workdir_lib.path(out, "history"), exist_ok=True)
-  for f in files:
-    parts = [store.load_npz(os.path.join(workdir_lib.path(b.workdir, "history"), f),
-                            what="per-epoch logits") for b in blocks]
+  for epoch in epochs:
+    parts = [store.load_npz(workdir_lib.history_file(b.workdir, epoch), what="per-epoch logits")
+             for b in blocks]
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    store.atomic_write_bytes(os.path.join(workdir_lib.path(out, "history"), f),
-                             _npz_bytes(merged))
+    store.atomic_write_bytes(workdir_lib.history_file(out, epoch), _npz_bytes(merged))
 
 
 def _write_snapshots(blocks, out) -> None:
@@ -386,7 +384,7 @@ def _write_checkpoints(blocks, out, final_epoch: int) -> None:
       checksums.verify(step_dir)
       trees.append(checkpoints.restore(step_dir))
       if on_device is None:
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "default"))
+        meta = ocp.StandardCheckpointer().metadata(checkpoints.item_dir(step_dir))
         on_device = {jax.tree_util.keystr(p): getattr(m, "sharding", None) is not None
                      for p, m in jax.tree_util.tree_flatten_with_path(
                          getattr(meta, "item_metadata", meta))[0]}

@@ -110,6 +110,11 @@ class Checkpoints:
     return 0, None
 
 
+def item_dir(step_dir: str) -> str:
+  """The Orbax item of a step (`<step>/default`, what StandardSave wrote)."""
+  return os.path.join(step_dir, "default")
+
+
 def abstract_target(path: str, sharding: jax.sharding.Sharding | None = None) -> Any:
   """The checkpoint's tree as `jax.ShapeDtypeStruct` leaves placed on `sharding` (default: the
   first local device)."""
@@ -127,7 +132,7 @@ def restore(step_dir: str, numpy: bool = True) -> Any:
   Raises:
     FileNotFoundError: `step_dir` holds no checkpoint.
   """
-  path = os.path.join(step_dir, "default")
+  path = item_dir(step_dir)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{step_dir!r} holds no checkpoint (no {path!r})")
   target = abstract_target(path)
@@ -151,7 +156,7 @@ def restore_epoch(workdir: str, target: Any, epoch: int | None = None) -> tuple[
   step_dir = workdir_lib.checkpoint_dir(workdir, epoch)
   try:
     checksums.verify(step_dir)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "default"), target)
+    restored = ocp.StandardCheckpointer().restore(item_dir(step_dir), target)
   except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
     raise CheckpointError(f"checkpoint {step_dir} cannot be read: {type(e).__name__}: "
                           f"{str(e)[:300]}") from e

@@ -3,6 +3,10 @@
 Holds the member state, stacked initialisation, the pure per-member train step (with divergence
 masking), the ways of running members (vmap, or a loop of per-member compiled steps where that
 measures faster), epoch execution (`lax.scan` or step by step) and sharding of the runs axis.
+
+Why one module of ~700 lines: the step, the member chunks, the per-device programs and the
+layout of the runs axis are one mechanism (member identity depends on all four agreeing); the
+pieces that stand alone live elsewhere (memory.py sizes chunks, distributed.py the processes).
 """
 
 from __future__ import annotations

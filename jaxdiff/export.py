@@ -237,7 +237,7 @@ def margins(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 def _stored_aum(w: heldout.WorkdirArrays) -> np.ndarray | None:
   """scores/aum.npy `[R, N]` as stored (checked against its SHA-256), or None without it."""
-  path = os.path.join(workdir_lib.scores_dir(w.workdir), "aum.npy")
+  path = workdir_lib.score_file(w.workdir, "aum")
   if not os.path.exists(path):
     return None
   return store.load_npy(path, w.mask.shape, sha256=(w.meta.get("sha256") or {}).get("aum.npy"))

@@ -9,6 +9,9 @@ written to a workdir (`subset_mask.npy`, `logits.npy`; `read_workdir` loads them
 estimator averages over each example's members with masked sums (vectorised over examples); a
 member enters an example's held-out estimate only where its mask is False, so values of members
 that trained on the example (even NaN or inf) never reach it. Diverged members are excluded.
+
+Why one module of ~510 lines: the estimators share the held-out masks and the reading of a
+workdir's subsets; the figures and tables are in report/heldout.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ variables, the data and the config; `score_workdir` (experiments/score.py) compu
 that need only a checkpoint and adds them to the workdir's score store; `score_members` computes
 them for any apply function and stacked parameters (members trained outside jaxdiff) into a new
 score store, through the engine's member chunks and the recorder's kernels.
+
+Why one module of ~550 lines: both entry points share the scoring path (engine, recorder
+kernels, the score store's meta) and differ only in where members come from.
 """
 
 from __future__ import annotations

@@ -108,8 +108,18 @@ def history_paths(workdir: str) -> list[str]:
                                        "epoch_[0-9][0-9][0-9][0-9].npz")))
 
 
+def history_epochs(workdir: str) -> list[int]:
+  """The epochs of `history_paths`, in order."""
+  return [int(os.path.basename(p)[len("epoch_"):-len(".npz")]) for p in history_paths(workdir)]
+
+
 def snapshot_file(workdir: str, name: str) -> str:
   return os.path.join(path(workdir, "snapshots"), f"{name}.npy")
+
+
+def score_file(workdir: str, name: str) -> str:
+  """`<workdir>/scores/<name>.npy`, one score's array in the score store (jaxdiff/store.py)."""
+  return os.path.join(scores_dir(workdir), f"{name}.npy")
 
 
 def scores_complete(workdir: str) -> bool:

@@ -326,3 +326,36 @@ def test_grand_ghost_equals_vmap_on_a_gru(user_module):
   ghost = grand.grand_scores(eng.apply_fn, v, x, y, method="ghost")
   ref = grand.grand_scores(eng.apply_fn, v, x, y, method="vmap")
   np.testing.assert_allclose(ghost, ref, rtol=1e-5, atol=1e-6)
+
+
+def _readme_blocks(section: str) -> list[str]:
+  """The fenced code blocks of README's `## <section>`, in order."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+  return [b.split("\n", 1)[1] for b in body.split("```")[1::2]]
+
+
+def test_readme_own_flax_model_example_runs_as_written(tmp_path):
+  """README's "Your own Flax model": its mymodels.py and myconfig.py, and its command (with a
+  tiny run's overrides appended), train a GRU with representation scores from `model.layers`."""
+  models_py, config_py, command = _readme_blocks("Your own Flax model")[:3]
+  assert models_py.startswith("# mymodels.py") and config_py.startswith("# myconfig.py")
+  (tmp_path / "mymodels.py").write_text(models_py)
+  (tmp_path / "myconfig.py").write_text(config_py)
+  args = command.strip().split()
+  assert args[:3] == ["PYTHONPATH=.", "python", "experiments/train.py"], args
+  workdir = tmp_path / "gru"
+  flags = [a for a in args[3:] if not a.startswith("--workdir")] + [
+      f"--workdir={workdir}", "--config.num_runs=2", "--config.num_epochs=1",
+      "--config.data.num_samples=300", "--config.scores.grand=False",
+      "--config.scores.vog=False", "--config.progress=False"]
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"), *flags],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  s = store.load_scores(str(workdir / "scores"))
+  assert s.scores["loss"].shape == (2, 240)
+  # The README's model.layers gave prediction depth: depths in 0..len(layers) (+ input).
+  depth = s.scores["prediction_depth"]
+  assert np.isfinite(depth).all() and depth.min() >= 0 and depth.max() <= 3

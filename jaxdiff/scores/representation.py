@@ -3,6 +3,9 @@
 Features come from the models' `out["layers"]` / `out["pre_logits"]`; exact k-NN is computed
 member by member in jitted query chunks, each against the training set in blocks (one matmul per
 block, a running top-k), so that memory stays bounded at any number of training examples.
+
+Why one module of ~520 lines: prediction depth and the prototype scores share the features, the
+blocked k-NN and its reference subsets.
 """
 
 from __future__ import annotations
