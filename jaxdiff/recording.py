@@ -8,7 +8,7 @@ Its `state` is a pytree of arrays, checkpointed with the model so that resuming 
 
 from __future__ import annotations
 
-import time
+import functools
 from typing import Any, Mapping
 
 from absl import logging
@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxdiff import config as config_lib
 from jaxdiff import distributed
+from jaxdiff import progress as progress_lib
 from jaxdiff import scores as S
 from jaxdiff import store
 from jaxdiff import workdir as workdir_lib
@@ -198,7 +199,7 @@ class Recorder:
   def _final_grand(self, v, logits, timer) -> dict[str, np.ndarray]:
     del logits
     out = {"grand": self._grand(v)}
-    timer("grand")
+    timer.done("grand")
     return out
 
   def _final_trajectory(self, v, logits, timer) -> dict[str, np.ndarray]:
@@ -217,16 +218,19 @@ class Recorder:
     x, y = self.ds.x_train, self.ds.y_train
     layers, _ = self._members(lambda vv: S.representation.features(
         self.apply_fn, vv, x, self.chunk, include_input=True, return_logits=True), v)
-    timer("features")
+    timer.done("features")
     out = {"prediction_depth": S.prediction_depth(layers, y, None, logits.argmax(-1),
                                                   k=int(self.opts["knn_k"]),
-                                                  on_layer=timer.layer,
+                                                  on_layer=functools.partial(
+                                                      timer.step, "prediction_depth",
+                                                      part="layer", verb="probed",
+                                                      upper_bound=True),
                                                   reference=int(self.opts["knn_reference"]),
                                                   member_ids=self.member_ids)}
-    timer("prediction_depth")
+    timer.done("prediction_depth")
     k = int(self.opts["num_prototypes"]) or self.ds.num_classes
     out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
-    timer("prototypes")
+    timer.done("prototypes")
     return out
 
   def _grand(self, v) -> np.ndarray:
@@ -252,14 +256,14 @@ class Recorder:
     """
     families = [f.name for f in FAMILIES if f.name != "point" and self.enabled[f.name] and (
         only is None if f.stage == "epoch" else only is None or f.name in only)]
-    timer = _Timer(["point", *(s for f in families for s in _STAGES.get(f, ()))], self.progress)
-    if self.progress:
-      logging.info("final scoring of %d examples x %d members: %s", self.ds.num_train,
-                   self.num_runs, ", ".join(timer.planned))
+    timer = progress_lib.Stages(
+        "final scoring", ["point", *(s for f in families for s in _STAGES.get(f, ()))],
+        self.progress, min_interval=0.0)
+    timer.plan(f"{self.ds.num_train} examples x {self.num_runs} members")
     v = self._variables(state)
     pts, logits = self._members(self._point, v, self.ds.x_train, self.ds.y_train, True)
     self.final_logits = np.asarray(logits)
-    timer("point")
+    timer.done("point")
     out = dict(pts)
     for f in families:
       out.update(getattr(self, f"_final_{f}")(v, logits, timer))
@@ -277,35 +281,6 @@ class Recorder:
 
 # The timed stages of each family's `_final_*` (the others only read accumulators: instant).
 _STAGES = {"grand": ("grand",), "representation": ("features", "prediction_depth", "prototypes")}
-
-
-class _Timer:
-  """Wall time of consecutive stages (for the log and BENCHMARKS.md), and with `progress` a log
-  line per stage done (and per prediction-depth layer) with the time so far and what is left."""
-
-  def __init__(self, planned: list[str] = (), progress: bool = False):
-    self.times = {}
-    self.planned = list(planned)
-    self.progress = progress
-    self.t = self.start = time.perf_counter()
-
-  def __call__(self, name):
-    now = time.perf_counter()
-    self.times[name] = round(now - self.t, 4)
-    self.t = now
-    if self.progress:
-      left = [s for s in self.planned if s not in self.times]
-      logging.info("final scoring: %s done in %.1f s (%.1f s elapsed); left: %s", name,
-                   self.times[name], now - self.start, ", ".join(left) or "nothing")
-
-  def layer(self, done: int, total: int):
-    """Progress of prediction depth: `done` of `total` layers probed (top down)."""
-    if self.progress:
-      spent = time.perf_counter() - self.t
-      # Lower layers probe only the examples whose later probes agreed: an upper bound.
-      logging.info("final scoring: prediction_depth layer %d/%d probed (%.1f s in the stage); "
-                   "at most ~%.0f s left in it", done, total, spent,
-                   spent / done * (total - done))
 
 
 def _vog_init(num_runs, n, per_example):
