@@ -27,6 +27,9 @@ _SCORES = flags.DEFINE_list("scores", list(posthoc.GROUPS),
                             f"Score groups, some of {list(posthoc.GROUPS)}.")
 _KNN_K = flags.DEFINE_integer("knn_k", None, "k of prediction depth's k-NN probes (default: "
                               "the workdir's scores.knn_k).")
+_KNN_REFERENCE = flags.DEFINE_integer(
+    "knn_reference", None, "Prediction depth's probes on this many training examples per member "
+    "(approximate; 0 = all, exact; default: the workdir's scores.knn_reference).")
 _GRAND_METHOD = flags.DEFINE_string("grand_method", None, "GraNd method (default: the "
                                     "workdir's scores.grand_method).")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Examples per scoring call (default: "
@@ -41,6 +44,7 @@ def main(argv):
   config = posthoc.read_config(_WORKDIR.value)
   ensemble.split_cpu(config.get("cpu_devices", 0))  # before JAX starts: one device per core
   posthoc.score_workdir(_WORKDIR.value, _EPOCH.value, groups, knn_k=_KNN_K.value,
+                        knn_reference=_KNN_REFERENCE.value,
                         grand_method=_GRAND_METHOD.value, chunk_size=_CHUNK_SIZE.value)
 
 

@@ -42,7 +42,7 @@ GROUPS = ("point", "grand", "input_grad", "representation")
 # family of that name.
 GROUP_SCORES = {g: S.registry.names(g) for g in GROUPS}
 # `score_workdir` options: scores-section fields that change how scores are computed.
-OPTIONS = ("knn_k", "grand_method", "chunk_size")
+OPTIONS = ("knn_k", "knn_reference", "grand_method", "chunk_size")
 INPUT_GRAD_NORM = S.registry.ENTRIES["input_grad_norm"].definition
 
 
@@ -231,7 +231,8 @@ def score_workdir(workdir: str, epoch: int | None = None, groups: Iterable[str] 
     epoch: a saved epoch (`saved_epochs`); None = the newest.
     groups: some of `GROUPS`.
     arrays: the training arrays of a `data.name="arrays"` workdir (see `load_ensemble`).
-    **options: `knn_k`, `grand_method`, `chunk_size` (default: the workdir's `scores` section).
+    **options: `knn_k`, `knn_reference`, `grand_method`, `chunk_size` (default: the workdir's
+      `scores` section).
 
   Returns:
     {stored name: group} of the scores written.
@@ -408,7 +409,8 @@ def _name(fn) -> str:
 def score_members(apply_fn: Callable[[Any, Any], Any], params: Any, x: np.ndarray,
                   y: np.ndarray, out_dir: str, *, scores: Iterable[str] = GROUPS,
                   features_fn: Callable[[Any, Any], Any] | None = None, chunk_size: int = 0,
-                  grand_method: str = "ghost", knn_k: int = 30, num_prototypes: int = 0,
+                  grand_method: str = "ghost", knn_k: int = 30, knn_reference: int = 0,
+                  num_prototypes: int = 0,
                   example_ids: np.ndarray | None = None, num_classes: int | None = None,
                   member_ids: Iterable[int] | None = None, member_chunk: int = 0,
                   num_devices: int = 0, arch: str = "", dataset: str = "arrays",
@@ -447,7 +449,7 @@ def score_members(apply_fn: Callable[[Any, Any], Any], params: Any, x: np.ndarra
     features_fn: for an `apply_fn` of bare logits, `(member_params, x) -> [features [B, ...]]`
       in depth order, the last the penultimate layer (prototypes); prediction depth probes each.
     chunk_size: examples per jitted scoring call (0 = auto, `scores.chunk_size`).
-    grand_method, knn_k, num_prototypes: as the `scores` config section.
+    grand_method, knn_k, knn_reference, num_prototypes: as the `scores` config section.
     example_ids: int `[N]` distinct ids (default `arange(N)`).
     num_classes: C (default `max(y) + 1`).
     member_ids: the members' ids `[R]` (default `0..R-1`), recorded in meta["member_ids"].
@@ -494,6 +496,7 @@ def score_members(apply_fn: Callable[[Any, Any], Any], params: Any, x: np.ndarra
                        "another out_dir")
   opts = {"chunk_size": chunk_size, "grand": "grand" in groups, "grand_method": grand_method,
           "representation": "representation" in groups, "knn_k": knn_k,
+          "knn_reference": knn_reference,
           "num_prototypes": num_prototypes, "vog": False, "minibatch": False}
   recording.validate(opts)
   # A Flax variables dict is passed as it is (GraNd differentiates its "params"); any other
@@ -533,7 +536,8 @@ def score_members(apply_fn: Callable[[Any, Any], Any], params: Any, x: np.ndarra
     final = {k: v for k, v in final.items() if k in keep}
     if "input_grad" in groups:
       final["input_grad_norm"] = _input_grad_scores(recorder, state, progress).astype(np.float32)
-    options = {k: opts[k] for k in ("chunk_size", "grand_method", "knn_k", "num_prototypes")}
+    options = {k: opts[k] for k in ("chunk_size", "grand_method", "knn_k", "knn_reference",
+                                    "num_prototypes")}
     meta = {"dataset": dataset, "dataset_fingerprint": ds.fingerprint(), "arch": arch,
             "member_ids": member_ids.tolist(), "diverged": diverged.tolist(),
             "orientation": ("higher is harder: scores whose natural value is higher-is-easier "

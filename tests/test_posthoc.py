@@ -337,6 +337,14 @@ def test_score_members_representation_needs_features(tmp_path):
   for name in ("proto_supervised", "proto_selfsup"):
     np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
   assert out["prediction_depth"].shape == (3, len(y))
+  # knn_reference reaches prediction depth: the probes on 8 sampled examples per member give
+  # other depths than exact, and the store records the option.
+  sub = posthoc.score_members(_linear_apply, params, x, y, str(tmp_path / "sub"),
+                              scores=("representation",), features_fn=feats, knn_k=5,
+                              knn_reference=8, progress=False)
+  assert not np.array_equal(sub["prediction_depth"], out["prediction_depth"])
+  meta = store.read_meta(str(tmp_path / "sub" / "scores"))
+  assert "knn_reference" in json.dumps(meta) and '"knn_reference": 8' in json.dumps(meta)
 
 
 @pytest.mark.parametrize("params,apply_fn,expect", [
