@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 
@@ -60,9 +61,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     if num_processes > 0 and not 0 <= process_id < num_processes:
       raise DistributedError(f"process_id={process_id}: need 0 <= process_id < "
                              f"num_processes={num_processes}")
-  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-    # CPU devices of different processes talk through gloo (the default has no CPU collectives).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU devices of different processes talk through gloo (the default has no CPU collectives);
+  # harmless where the devices are accelerators.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address and process_id > 0:
     # XLA aborts the process (no Python error) when it cannot register with the coordinator:
     # wait for its port here first, so that a wrong address is one clear error.
@@ -113,7 +114,6 @@ def multi_process() -> bool:
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (nothing to wait for alone)."""
   if multi_process():
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -122,7 +122,6 @@ def agree(ok: bool) -> bool:
   the workdir is valid, that the others must follow rather than wait forever)."""
   if not multi_process():
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(ok))))
 
 
@@ -148,9 +147,14 @@ def run_primary_first(name: str, fn, *args, **kwargs) -> Any:
 def gather(tree) -> Any:
   """NumPy copies of a pytree's arrays, each whole on every process (arrays sharded over other
   processes' devices are all-gathered)."""
-  def one(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-    return np.asarray(a)
-  return jax.tree_util.tree_map(one, tree)
+  return jax.tree_util.tree_map(
+      lambda a: concat_processes(a) if isinstance(a, jax.Array) and not a.is_fully_addressable
+      else np.asarray(a), tree)
+
+
+def concat_processes(tree) -> Any:
+  """Every process's pieces of a pytree joined along the leading axis, in process order, on every
+  process (NumPy leaves). For a global array: the whole array; for per-process host arrays: their
+  concatenation."""
+  return jax.tree_util.tree_map(
+      lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
+from jaxdiff import distributed
 from jaxdiff import memory
 from jaxdiff import models
 
@@ -185,10 +185,13 @@ class Engine:
                          opt_state=self.tx.init(params), diverged=jnp.array(False),
                          diverged_step=jnp.array(-1, jnp.int32), lr_scale=scale)
     state = jax.jit(jax.vmap(init_one))(init_keys, jnp.asarray(lr_scale))
-    self._resolve(state.params)
+    self.resolve(state.params)
     return self.shard(state)
 
-  def _resolve(self, stacked_params):
+  def resolve(self, stacked_params):
+    """Chooses the member strategy, epoch loop, member chunk and devices for members of these
+    stacked parameters `[R, ...]` (`init` calls it; an engine built around members trained
+    elsewhere calls it itself)."""
     backend = jax.default_backend()
     # Convolutions computed as patches @ kernel (models.patch_conv) run as dots: like dense layers
     # they vmap to batched matmuls and stay fast inside lax.scan.
@@ -456,8 +459,7 @@ class Engine:
       return local
     # Each process holds the contiguous members of its devices (the mesh lists devices process
     # by process): every process gets every member's results, in member order.
-    return jax.tree_util.tree_map(lambda a: np.asarray(multihost_utils.process_allgather(
-        a, tiled=True)), local)
+    return distributed.concat_processes(local)
 
   def _on_device(self, array, device):
     """`array` (replicated over the mesh, or on one device) as a single-device array."""
@@ -613,6 +615,17 @@ def _local_blocks(tree, blocks):
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def _reshard_fn(sharding):
+  """Jitted identity onto `sharding` (one compiled program per layout, not one per call)."""
+  return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _wrap_keys_fn(sharding):
+  return jax.jit(jax.random.wrap_key_data, out_shardings=sharding, static_argnames="impl")
+
+
 def _put_global(tree, sharding):
   """`jax.device_put(tree, sharding)`, also where the sharding spans other processes' devices
   (multi-process runs): every process holds the whole value (host data, or an array computed
@@ -622,11 +635,9 @@ def _put_global(tree, sharding):
 
   def one(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      return a if a.sharding == sharding else jax.jit(lambda x: x, out_shardings=sharding)(a)
+      return a if a.sharding == sharding else _reshard_fn(sharding)(a)
     if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-      data = one(jax.random.key_data(a))
-      return jax.jit(jax.random.wrap_key_data, out_shardings=sharding,
-                     static_argnames="impl")(data, impl=jax.random.key_impl(a))
+      return _wrap_keys_fn(sharding)(one(jax.random.key_data(a)), impl=jax.random.key_impl(a))
     host = np.asarray(a)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.tree_util.tree_map(one, tree)

@@ -514,7 +514,7 @@ def score_members(apply_fn: Callable[[Any, Any], Any], params: Any, x: np.ndarra
 
   engine = _GivenEngine(fn, optax.identity(), mesh=ens.make_mesh(num_runs, num_devices),
                         member_chunk=member_chunk)
-  engine._resolve(variables)  # pylint: disable=protected-access  # member strategy and chunk
+  engine.resolve(variables)  # member strategy and chunk
   state = ens.MemberState(params=engine.shard(jax.tree_util.tree_map(jnp.asarray, variables)),
                           batch_stats={}, opt_state=(), diverged=jnp.asarray(diverged),
                           diverged_step=jnp.full(num_runs, -1, jnp.int32),

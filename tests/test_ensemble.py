@@ -347,7 +347,7 @@ def test_logits_loop_equals_vmap():
   x = ds.x_train[:70]
   looped = np.asarray(eng.logits(st, x, chunk_size=32))
   vmapped = ens.Engine(eng.model, eng.tx, member_strategy="vmap")
-  vmapped._resolve(st.params)  # pylint: disable=protected-access
+  vmapped.resolve(st.params)
   np.testing.assert_allclose(looped, np.asarray(vmapped.logits(st, x, chunk_size=32)),
                              rtol=1e-5, atol=1e-5)
   one = eng.apply_fn(_member(eng.variables(st), 2), jnp.asarray(x))[0]
