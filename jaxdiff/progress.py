@@ -71,15 +71,23 @@ class Stages:
 
     `part`/`verb` name the parts ("layer", "probed": "prediction_depth layer 2/3 probed");
     `upper_bound`: later parts are cheaper (e.g. prediction depth's lower layers)."""
+    what = " ".join(x for x in (name, part, f"{done}/{total}", verb) if x)
+    self.fraction(what, done / total if total else 1.0, upper_bound=upper_bound)
+
+  def fraction(self, what: str, done: float, *, upper_bound: bool = False,
+               min_interval: float | None = None) -> None:
+    """Within the current stage: a fraction `done` in [0, 1] of it finished (`what` names the
+    point reached); logs `what`, the time in the stage and what is left at this pace, at most
+    every `min_interval` seconds (default: the instance's) unless `done` is 1."""
     with self._lock:
       now = time.perf_counter()
-      if done < total and now - self._last_step < self.min_interval:
+      interval = self.min_interval if min_interval is None else min_interval
+      if done < 1.0 and now - self._last_step < interval:
         return
       self._last_step = now
       spent = now - self.t
-      what = " ".join(x for x in (name, part, f"{done}/{total}", verb) if x)
-      if not done:  # nothing to extrapolate from yet
+      if done <= 0.0:  # nothing to extrapolate from yet
         self._log("%s (%.1f s in the stage)", what, spent)
         return
       self._log("%s (%.1f s in the stage); %s ~%.0f s left in it", what, spent,
-                "at most" if upper_bound else "about", spent / done * (total - done))
+                "at most" if upper_bound else "about", spent / done * (1.0 - done))

@@ -226,7 +226,9 @@ class Recorder:
                                                       part="layer", verb="probed",
                                                       upper_bound=True),
                                                   reference=int(self.opts["knn_reference"]),
-                                                  member_ids=self.member_ids)}
+                                                  member_ids=self.member_ids,
+                                                  on_members=functools.partial(
+                                                      _members_probed, timer))}
     timer.done("prediction_depth")
     k = int(self.opts["num_prototypes"]) or self.ds.num_classes
     out.update(S.prototype_scores(layers[-1], y, k, seed=0, member_ids=self.member_ids))
@@ -277,6 +279,20 @@ class Recorder:
     probs = np.asarray(jax.nn.softmax(logits[ok], axis=-1)) if ok.any() else None
     ens = S.ensemble_scores(probs, self.ds.y_train) if probs is not None else {}
     return out, ens
+
+
+# Seconds between two progress lines within one layer of prediction depth (the layer lines
+# always print; at 50,000 examples one exact layer takes minutes).
+MEMBER_PROGRESS_INTERVAL = 15.0
+
+
+def _members_probed(timer, layers_done, num_layers, done, total) -> None:
+  """Prediction depth's line within a layer: `done` of its `total` member probes finished (the
+  layer's own line says when all are)."""
+  if done < total:
+    timer.fraction(f"prediction_depth layer {layers_done + 1}/{num_layers}: members "
+                   f"{done}/{total} probed", (layers_done + done / total) / num_layers,
+                   upper_bound=True, min_interval=MEMBER_PROGRESS_INTERVAL)
 
 
 # The timed stages of each family's `_final_*` (the others only read accumulators: instant).

@@ -7,6 +7,7 @@ import re
 import types
 
 from absl import logging as absl_logging
+import jax
 import numpy as np
 
 from jaxdiff import analysis
@@ -14,6 +15,7 @@ from jaxdiff import heldout
 from jaxdiff import progress as progress_lib
 from jaxdiff import recording
 from jaxdiff import store
+from jaxdiff.scores import representation as rep
 from test_heldout import _noisy_workdir
 from test_scores_models import MLP, mlp_apply, stacked_init
 
@@ -57,6 +59,20 @@ def test_finalize_logs_each_stage_with_elapsed_and_whats_left(caplog):
   layers = [re.match(r"final scoring: prediction_depth layer (\d)/(\d) probed \([\d.]+ s in the "
                      r"stage\); at most ~\d+ s left in it", m) for m in lines]
   assert [(int(m.group(1)), int(m.group(2))) for m in layers if m] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_finalize_logs_member_probes_within_a_layer(caplog, monkeypatch):
+  # One device: the 2 members' probes of a layer run in 2 waves, and the first wave's line says
+  # so (throttle off). The input layer is the same for both members: one probe, no line.
+  monkeypatch.setattr(rep, "_member_devices", lambda: jax.devices()[:1])
+  monkeypatch.setattr(recording, "MEMBER_PROGRESS_INTERVAL", 0.0)
+  lines = _finalize(True, caplog)
+  got = [re.match(r"final scoring: prediction_depth layer (\d)/3: members (\d)/(\d) probed "
+                  r"\(([\d.]+) s in the stage\); at most ~\d+ s left in it", m) for m in lines]
+  assert [m.group(1, 2, 3) for m in got if m] == [("1", "1", "2"), ("2", "1", "2")]
+  # Each comes before its layer's own line.
+  order = [m for m in lines if "prediction_depth layer" in m]
+  assert [("members" in m) for m in order] == [True, False, True, False, False]
 
 
 def test_finalize_is_silent_without_progress(caplog):

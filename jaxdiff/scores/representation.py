@@ -173,10 +173,11 @@ def _member_devices() -> list[jax.Device]:
   return jax.local_devices()
 
 
-def _probe_members(probe: _Probe | dict[int, _Probe], jobs: list[tuple]) -> dict[int, np.ndarray]:
+def _probe_members(probe: _Probe | dict[int, _Probe], jobs: list[tuple],
+                   on_wave: Callable[[int, int], None] | None = None) -> dict[int, np.ndarray]:
   """Runs `jobs` [(member, train [N, F], query [M, F], rows)] in waves of one member per device
   (concurrently, and with only one member's features on each device at a time), with `probe` or
-  the member's own `probe[member]`.
+  the member's own `probe[member]`; `on_wave(jobs_done, len(jobs))` after each wave.
 
   Returns:
     {member: int32 predictions for its rows}.
@@ -188,6 +189,8 @@ def _probe_members(probe: _Probe | dict[int, _Probe], jobs: list[tuple]) -> dict
             for (r, train, query, rows), device in zip(jobs[start:start + len(devices)], devices)]
     for r, rows, pending in wave:
       out[r] = _Probe.collect(pending, rows.size)
+    if on_wave is not None:
+      on_wave(start + len(wave), len(jobs))
   return out
 
 
@@ -253,7 +256,9 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
                      exclude_self: bool | None = None, chunk_size: int = 256,
                      block_size: int = 4096,
                      on_layer: Callable[[int, int], None] | None = None,
-                     reference: int = 0, seed: int = 0, member_ids: Any = None) -> np.ndarray:
+                     reference: int = 0, seed: int = 0, member_ids: Any = None,
+                     on_members: Callable[[int, int, int, int], None] | None = None
+                     ) -> np.ndarray:
   """Prediction depth (Baldock, Maennel & Neyshabur 2021, "Deep Learning Through the Lens of
   Example Difficulty").
 
@@ -280,6 +285,8 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
     chunk_size: queries per distance block.
     block_size: training examples per distance block (see `knn_predict`).
     on_layer: called as `on_layer(layers_done, L)` after each layer's probes (for progress).
+    on_members: called as `on_members(layers_done, L, probes_done, probes)` after each wave of
+      members' probes within a layer (one member per device; for progress within a layer).
     reference: if 0 < reference < N, each member's probes use `reference` training examples drawn
       without replacement (`reference_subset(N, reference, seed, id)` for the member's id, the same
       subset at every layer) as their support set instead of all N: an approximation whose
@@ -349,7 +356,9 @@ def prediction_depth(train_features: Sequence[Any], train_labels: Any,
       else:
         jobs.append((r, tf[r] if subsets is None else tf[r][subsets[r]], qf[r], rows))
     rows_of = {job[0]: job[3] for job in jobs}
-    for r, p in _probe_members(probe, jobs).items():
+    on_wave = None if on_members is None else functools.partial(
+        on_members, num_layers - 1 - layer, num_layers)
+    for r, p in _probe_members(probe, jobs, on_wave).items():
       preds[r, rows_of[r]] = p
     for r in like0[1:]:
       preds[r, union] = preds[0, union]
