@@ -39,20 +39,66 @@ def readme_example(index):
 
 
 def run_example(code, workdir, monkeypatch):
-  """Runs README code with its workdir replaced; returns every log_eval call's arrays."""
-  calls = []
-  original = DifficultyLogger.log_eval
+  """Runs README code with its workdir replaced.
 
-  def recording(self, member, example_ids, **kw):
-    calls.append((member, kw["epoch"], np.array(example_ids), np.array(kw["logits"]),
+  Returns:
+    evals: each log_eval call's (member, epoch, ids [B], logits [B, C], labels [B]).
+    steps: each log_minibatch call's (member, step, ids [B], correct [B]).
+  """
+  evals, steps = [], []
+  log_eval, log_minibatch = DifficultyLogger.log_eval, DifficultyLogger.log_minibatch
+
+  def recording_eval(self, member, example_ids, **kw):
+    evals.append((member, kw["epoch"], np.array(example_ids), np.array(kw["logits"]),
                   np.array(kw["labels"])))
-    return original(self, member, example_ids, **kw)
+    return log_eval(self, member, example_ids, **kw)
 
-  monkeypatch.setattr(DifficultyLogger, "log_eval", recording)
+  def recording_minibatch(self, member, example_ids, **kw):
+    steps.append((member, kw["step"], np.array(example_ids), np.array(kw["correct"])))
+    return log_minibatch(self, member, example_ids, **kw)
+
+  monkeypatch.setattr(DifficultyLogger, "log_eval", recording_eval)
+  monkeypatch.setattr(DifficultyLogger, "log_minibatch", recording_minibatch)
   code, n = re.subn(r'workdir = "[^"]*"', f"workdir = {str(workdir)!r}", code)
   assert n == 1
   exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})  # pylint: disable=exec-used
-  return calls
+  return evals, steps
+
+
+def place(evals, num_epochs, num_members, num_examples, num_classes):
+  """log_eval calls -> logits [T, R, N, C] and labels [N], each row at its example id (members
+  are 0..R-1); every (epoch, member, example) given exactly once."""
+  logits = np.full((num_epochs, num_members, num_examples, num_classes), np.nan)
+  labels = np.full(num_examples, -1)
+  for member, epoch, ids, z, y in evals:
+    assert np.isnan(logits[epoch - 1, member, ids]).all()
+    logits[epoch - 1, member, ids] = z
+    labels[ids] = y
+  assert not np.isnan(logits).any() and (labels >= 0).all()
+  return logits, labels
+
+
+def reference_minibatch(steps, num_members, num_examples):
+  """Plain Python over log_minibatch calls (member, step, ids, correct) -> the mb_* scores [R, N]:
+  forgetting events (correct then wrong at the example's next presentation; never right ->
+  the member's most presentations // 2 + 1), learning time (the first step it was right; never ->
+  the member's last step + 1) and the number of presentations."""
+  out = {k: np.zeros((num_members, num_examples)) for k in
+         ("mb_forgetting_events", "mb_learning_time", "mb_presentations")}
+  for r in range(num_members):
+    mine = [(step, list(ids), list(c)) for m, step, ids, c in steps if m == r]
+    last = max(step for step, _, _ in mine)
+    hist = {i: [(s, c[ids.index(i)]) for s, ids, c in mine if i in ids]
+            for i in range(num_examples)}
+    most = max(len(h) for h in hist.values())
+    for i, h in hist.items():
+      seq = [c for _, c in h]
+      learned = [s for s, c in h if c]
+      forgets = sum(a == 1 and b == 0 for a, b in zip(seq, seq[1:]))
+      out["mb_forgetting_events"][r, i] = forgets if learned else most // 2 + 1
+      out["mb_learning_time"][r, i] = learned[0] if learned else last + 1
+      out["mb_presentations"][r, i] = len(h)
+  return out
 
 
 def reference_trajectory(logits, labels):
@@ -145,17 +191,14 @@ def test_logger_equals_the_recorder_of_a_jaxdiff_run(tmp_path):
 
 def test_readme_flax_loop_matches_a_python_loop_and_is_analysed(tmp_path, monkeypatch):
   wd = tmp_path / "own_loop"
-  calls = run_example(readme_example(0), wd, monkeypatch)
+  evals, steps = run_example(readme_example(0), wd, monkeypatch)
   stored = workdir_lib.load_scores(str(wd))
-  epochs = sorted({e for _, e, *_ in calls})
-  logits = np.zeros((len(epochs), 2, 256, 2))
-  for member, epoch, ids, z, labels in calls:
-    logits[epoch - 1, member, ids] = z
-  ref = reference_trajectory(logits, labels)
+  ref = reference_trajectory(*place(evals, 5, 2, 256, 2))
   for name, want in ref.items():
     got = S.orient({name: want})[name]  # stored higher = harder
     np.testing.assert_allclose(stored.scores[name], got, rtol=1e-5, atol=1e-5, err_msg=name)
-  assert {"mb_forgetting_events", "mb_learning_time"} <= set(stored.scores)
+  for name, want in reference_minibatch(steps, 2, 256).items():
+    np.testing.assert_array_equal(stored.scores[name], want, err_msg=name)
   assert stored.meta["arch"] == "dense" and stored.meta["num_epochs"] == 5
 
   sets = analysis.load_workdirs([str(wd)])
@@ -172,15 +215,19 @@ def test_readme_flax_loop_matches_a_python_loop_and_is_analysed(tmp_path, monkey
 def test_readme_torch_loop(tmp_path, monkeypatch):
   pytest.importorskip("torch")
   wd = tmp_path / "torch_loop"
-  calls = run_example(readme_example(1), wd, monkeypatch)
+  evals, steps = run_example(readme_example(1), wd, monkeypatch)
+  # Shuffled DataLoader batches: the logger must place rows by their ids, not by position.
+  assert all(len(ids) < 256 for _, _, ids, _, _ in evals)
+  assert any((np.diff(ids) < 0).any() for _, _, ids, _, _ in evals)
   stored = workdir_lib.load_scores(str(wd))
-  logits = np.zeros((5, 2, 256, 2))
-  for member, epoch, ids, z, labels in calls:
-    logits[epoch - 1, member, ids] = z
-  ref = reference_trajectory(logits, labels)
+  ref = reference_trajectory(*place(evals, 5, 2, 256, 2))
   for name, want in ref.items():
     np.testing.assert_allclose(stored.scores[name], S.orient({name: want})[name], rtol=1e-5,
                                atol=1e-5, err_msg=name)
+  for name, want in reference_minibatch(steps, 2, 256).items():
+    np.testing.assert_array_equal(stored.scores[name], want, err_msg=name)
+  assert (ref["forgetting_events"] > 0).any() or (ref["learning_time"] > 1).any()  # not trivial
+  assert stored.meta["num_epochs"] == 5
   assert list(analysis.load_workdirs([str(wd)])) == ["linear"]
 
 
@@ -197,17 +244,9 @@ def test_minibatch_scores_match_a_python_loop(tmp_path):
   for member in (0, 1):
     log.log_eval(member, np.arange(6), logits=z, labels=np.arange(6) % 3, epoch=1)
   got = log.scores()
-  for r, steps in sched.items():
-    last = steps[-1][0]
-    hist = {i: [(s, c[ids.index(i)]) for s, ids, c in steps if i in ids] for i in range(6)}
-    most = max(len(h) for h in hist.values())
-    for i, h in hist.items():
-      seq = [c for _, c in h]
-      learned = [s for s, c in h if c]
-      forgets = sum(a == 1 and b == 0 for a, b in zip(seq, seq[1:]))
-      assert got["mb_forgetting_events"][r, i] == (forgets if learned else most // 2 + 1)
-      assert got["mb_learning_time"][r, i] == (learned[0] if learned else last + 1)
-      assert got["mb_presentations"][r, i] == len(h)
+  steps = [(r, step, ids, c) for r, rows in sched.items() for step, ids, c in rows]
+  for name, want in reference_minibatch(steps, 2, 6).items():
+    np.testing.assert_array_equal(got[name], want, err_msg=name)
 
 
 def test_probabilities_store_what_they_determine(tmp_path):
