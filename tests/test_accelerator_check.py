@@ -51,7 +51,7 @@ def test_speed_rows_are_consistent(smoke):
   except ImportError:
     torch_ok = False
   for r in rows:
-    for k in ("engine", "loop"):
+    for k in ("engine", "loop") + (("torch",) if torch_ok else ()):
       t, rate = r[f"{k}_s"], r[f"{k}_member_epochs_per_s"]
       assert np.isfinite(t) and t > 0 and np.isfinite(rate) and rate > 0
       assert rate == pytest.approx(r["runs"] * r["steps"] / r["full_epoch_steps"] / t, rel=1e-12)
