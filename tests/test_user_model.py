@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_MODULE = textwrap.dedent('''
     import flax.linen as nn
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     class GRU(nn.Module):
@@ -86,6 +87,54 @@ USER_MODULE = textwrap.dedent('''
 
     def side_effect(config, num_classes, input_shape):
       return SideEffect()
+
+    class Sows(nn.Module):
+      """sow() into its own collection: one more value per call, no fixed-shape state."""
+      @nn.compact
+      def __call__(self, x):
+        self.sow("losses", "sum", x.sum())
+        return nn.Dense(10)(x)
+
+    def sows(config, num_classes, input_shape):
+      return Sows()
+
+    class IntCounter(nn.Module):
+      """An int32 step counter in its own collection."""
+      @nn.compact
+      def __call__(self, x, train: bool = False):
+        count = self.variable("stats", "count", lambda: jnp.zeros((), jnp.int32))
+        if train:
+          count.value += 1
+        return nn.Dense(10)(x)
+
+    def int_counter(config, num_classes, input_shape):
+      return IntCounter()
+
+    class TwoInputs(nn.Module):
+      """A Dense on the signal and one on a meta vector, concatenated -> classes."""
+      num_classes: int
+
+      @nn.compact
+      def __call__(self, signal, meta, train: bool = False):
+        h = jnp.concatenate([nn.relu(nn.Dense(12)(signal)), nn.relu(nn.Dense(4)(meta))], -1)
+        return nn.Dense(self.num_classes)(h), {"layers": [h], "pre_logits": h}
+
+    def two_inputs(config, num_classes, input_shape):
+      assert input_shape == (40,) and set(config) == {"hidden"}, (input_shape, config)
+      return TwoInputs(num_classes)
+
+    class Sliced(nn.Module):
+      """TwoInputs on one input that it slices itself: the first 37 values, the last 3."""
+      num_classes: int
+
+      @nn.compact
+      def __call__(self, x, train: bool = False):  # the same layers (names, so init keys)
+        signal, meta = x[:, :37], x[:, 37:]
+        h = jnp.concatenate([nn.relu(nn.Dense(12)(signal)), nn.relu(nn.Dense(4)(meta))], -1)
+        return nn.Dense(self.num_classes)(h), {"layers": [h], "pre_logits": h}
+
+    def sliced(config, num_classes, input_shape):
+      return Sliced(num_classes)
 ''')
 MOD = "usermods_test"
 
@@ -234,6 +283,10 @@ def test_bad_import_strings_are_one_clear_line(user_module, name, match):
                      r"ConcretizationTypeError"),
     ("side_effect", r"model 'usermods_test:side_effect' cannot be vmapped over members .*"
                     r"TracerArrayConversionError"),
+    ("sows", r"model 'usermods_test:sows': a training step changes the structure or shapes of "
+             r"its collection\(s\) \['losses'\] \(sow\(\) appending"),
+    ("int_counter", r"model 'usermods_test:int_counter': mutable collection leaves "
+                    r"\['stats/count \(int32\)'\] are not floats"),
 ])
 def test_bad_user_models_are_refused_naming_the_model(user_module, tmp_path, factory, match):
   c = tiny_config("mlp", **{"scores.representation": False})
@@ -359,3 +412,191 @@ def test_readme_own_flax_model_example_runs_as_written(tmp_path):
   # The README's model.layers gave prediction depth: depths in 0..len(layers) (+ input).
   depth = s.scores["prediction_depth"]
   assert np.isfinite(depth).all() and depth.min() >= 0 and depth.max() <= 3
+
+
+class _BNStats(nn.Module):
+  """Batch norm and dropout, plus a collection "stats" of its own: an exponential moving
+  average of the input's mean (subtracted from the input in both modes) and a float step
+  counter, both updated in training only."""
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    ema = self.variable("stats", "mean", lambda: jnp.zeros(x.shape[-1], jnp.float32))
+    count = self.variable("stats", "count", lambda: jnp.zeros((), jnp.float32))
+    if train:
+      ema.value = 0.7 * ema.value + 0.3 * x.mean(0)
+      count.value += 1
+    h = nn.Dense(16)(x - ema.value)
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.8)(h)
+    h = nn.Dropout(0.3, deterministic=not train)(nn.relu(h))
+    return nn.Dense(10)(h)
+
+
+def test_other_mutable_collections_train_as_in_a_flax_loop(tmp_path):
+  """A module with batch norm AND its own mutable collection "stats", trained by
+  `train_and_evaluate` (2 vmapped members, GraNd's ghost norms on its BatchNorm, layers from
+  model.layers), equals a plain jitted Flax/Optax loop per member that passes
+  `mutable=["batch_stats", "stats"]` and keeps both: the same data order and dropout keys; the
+  checkpointed parameters and collections and the final logits agree."""
+  from jaxdiff import data as data_lib  # pylint: disable=g-import-not-at-top
+  # SGD, not Adam: Dense_0's bias (before batch norm) has a zero gradient up to rounding, which
+  # Adam would scale up to +-lr in a direction set by the rounding.
+  c = tiny_config("mlp", num_runs=2, **{"scores.knn_k": 5, "scores.vog": False,
+                                        "optim.name": "sgd", "optim.lr": 0.1})
+  c.model = ml_collections.ConfigDict(dict(name="ignored", layers=("Dense_0", "Dense_1")))
+  wd = str(tmp_path / "wd")
+  train.train_and_evaluate(c, wd, model=_BNStats())
+  saved = checkpoints.restore(os.path.join(wd, "checkpoints", "2"))["state"]
+  assert set(saved["batch_stats"]) == {"BatchNorm_0", "collection:stats"}  # packed (docstring)
+  logits = np.load(os.path.join(wd, "logits.npy"))
+  scores = store.load_scores(os.path.join(wd, "scores"))
+  assert np.isfinite(scores.scores["grand"]).all() and "prediction_depth" in scores.scores
+
+  ds = data_lib.load_dataset(c.data)
+  x, y = np.asarray(ds.x_train), np.asarray(ds.y_train)
+  steps = x.shape[0] // c.batch_size
+  init_keys, data_keys, aug_keys = ensemble.member_keys(c.seed, np.arange(2))
+  module, tx = _BNStats(), optax.sgd(c.optim.lr, momentum=c.optim.momentum)
+
+  @jax.jit
+  def ref_step(params, cols, opt, xb, yb, key):
+    def loss(p):
+      logits, upd = module.apply({"params": p, **cols}, xb, train=True,
+                                 mutable=["batch_stats", "stats"], rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd
+    g, upd = jax.grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), dict(upd), opt
+
+  for r in range(2):
+    v = module.init(init_keys[r], x[:1])
+    params, opt = v["params"], tx.init(v["params"])
+    cols = {"batch_stats": v["batch_stats"], "stats": v["stats"]}
+    for epoch in (1, 2):
+      idx = np.asarray(data_lib.epoch_permutations(data_keys, epoch, x.shape[0], c.batch_size,
+                                                   None, steps))
+      for s in range(steps):
+        key = jax.random.fold_in(jax.random.fold_in(aug_keys[r], (epoch - 1) * steps + s),
+                                 0x64726F70)
+        params, cols, opt = ref_step(params, cols, opt, x[idx[r, s]], y[idx[r, s]], key)
+    assert int(cols["stats"]["count"]) == 2 * steps
+    got = jax.tree_util.tree_map(lambda a: np.asarray(a)[r], saved)
+    want = {"params": params, "batch_stats": {**cols["batch_stats"],
+                                              "collection:stats": cols["stats"]}}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want),
+                            jax.tree_util.tree_leaves({k: got[k] for k in want})):
+      np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    ref_logits = module.apply({"params": params, **cols}, x)
+    np.testing.assert_allclose(logits[r], ref_logits, rtol=2e-5, atol=2e-5)
+
+
+def test_packed_variables_are_the_modules_own_collections():
+  """`UserModel.pack`/`unpack` move the module's own collections into "batch_stats" and back;
+  apply on either layout equals the module's own evaluation pass (plain Flax), and a model with
+  only batch statistics keeps its own layout (nothing packed)."""
+  x = np.random.default_rng(1).normal(size=(6, 40)).astype(np.float32)
+  m = models.build_model({"name": "m"}, 10, x[:2], model=_BNStats())
+  assert m.collections == ("stats",)
+  own = _BNStats().init(jax.random.key(3), x[:1])
+  own = {**own, "stats": {"mean": jnp.full((40,), 0.5), "count": jnp.int32(3)}}
+  packed = m.pack(own)
+  assert set(packed) == {"params", "batch_stats"}
+  np.testing.assert_array_equal(packed["batch_stats"]["collection:stats"]["mean"], 0.5)
+  assert jax.tree_util.tree_structure(m.unpack(packed)) == jax.tree_util.tree_structure(own)
+  want = _BNStats().apply(own, x)
+  np.testing.assert_array_equal(m.apply(packed, x)[0], want)
+  np.testing.assert_array_equal(m.apply(own, x)[0], want)  # e.g. posthoc.score_members
+  bn = models.build_model({"name": "bn"}, 10, x[:2], model=_BNDropout())
+  assert bn.collections == () and set(bn.init(jax.random.key(0), x)["batch_stats"]) == {
+      "BatchNorm_0"}
+
+
+def test_pack_inputs_is_the_flattened_concatenation():
+  """pack_inputs against a hand-built concatenation (and the names' order), and the adapter's
+  split of that x gives back the original arrays."""
+  rng = np.random.default_rng(0)
+  signal = rng.normal(size=(5, 4, 3))
+  meta = rng.integers(0, 9, (5, 2))
+  x, spec = user_models.pack_inputs({"signal": signal, "meta": meta})
+  assert spec == ("signal:4x3", "meta:2") and x.dtype == np.float32
+  np.testing.assert_array_equal(
+      x, np.concatenate([signal.reshape(5, 12), meta], 1).astype(np.float32))
+  x2, spec2 = user_models.pack_inputs({"signal": signal, "meta": meta}, names=("meta", "signal"))
+  assert spec2 == ("meta:2", "signal:4x3")
+  np.testing.assert_array_equal(
+      x2, np.concatenate([meta, signal.reshape(5, 12)], 1).astype(np.float32))
+  m = user_models.UserModel(module=nn.Dense(2), name="m",
+                            inputs=user_models.parse_inputs(spec))
+  a, b = m.split(jnp.asarray(x))
+  np.testing.assert_array_equal(a, signal.astype(np.float32))
+  np.testing.assert_array_equal(b, meta.astype(np.float32))
+  assert user_models.parse_inputs("signal:4x3, meta:2") == (("signal", (4, 3)), ("meta", (2,)))
+  assert user_models.parse_inputs([("signal", (4, 3)), ("meta", 2)]) == m.inputs
+  with pytest.raises(user_models.ModelError, match=r"the same leading N; got \{'signal': 5, "):
+    user_models.pack_inputs({"signal": signal, "meta": meta[:4]})
+
+
+def _two_input_config(tmp_path):
+  cfg = tmp_path / "two_config.py"  # model.inputs is a tuple: declared in a config file
+  cfg.write_text(textwrap.dedent(f'''
+      import ml_collections
+      from jaxdiff import config as config_lib
+
+      def get_config():
+        c = config_lib.defaults()
+        c.model = ml_collections.ConfigDict(dict(name="{MOD}:two_inputs", hidden=3, inputs=()))
+        return c
+  '''))
+  return [f"--config={cfg}", "--config.data.num_samples=250", "--config.num_epochs=2",
+          "--config.batch_size=50", "--config.progress=False", "--config.scores.knn_k=5",
+          "--config.num_runs=2"]
+
+
+def test_two_inputs_equal_the_module_that_slices_x_itself(user_module, tmp_path):
+  """A module of two inputs `(signal [B, 37], meta [B, 3])` trained by experiments/train.py
+  with `--config.model.inputs=('signal:37','meta:3')` gives bit-identical scores and final
+  logits to the same layers in a module that slices MNIST-1D's x [B, 40] itself."""
+  common = _two_input_config(tmp_path)
+  cache = str(tmp_path / "jax_cache")
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  p = _train_script(two, user_module, *common, "--config.model.inputs=('signal:37','meta:3')",
+                    cache=cache)
+  assert p.returncode == 0, p.stderr[-3000:]
+  p = _train_script(one, user_module, *common, f"--config.model.name={MOD}:sliced", cache=cache)
+  assert p.returncode == 0, p.stderr[-3000:]
+  a, b = (store.load_scores(os.path.join(w, "scores")) for w in (two, one))
+  assert a.meta["arch"] == f"{MOD}:two_inputs(hidden=3,inputs=('signal:37', 'meta:3'))"
+  assert {"grand", "vog", "prediction_depth", "proto_supervised"} <= set(a.scores)
+  assert set(a.scores) == set(b.scores)
+  for name in a.scores:
+    np.testing.assert_array_equal(a.scores[name], b.scores[name], err_msg=name)
+  np.testing.assert_array_equal(np.load(os.path.join(two, "logits.npy")),
+                                np.load(os.path.join(one, "logits.npy")))
+  assert not np.array_equal(a.scores["loss"][0], a.scores["loss"][1])
+
+
+def test_inputs_that_do_not_add_up_are_refused_before_anything_is_written(user_module,
+                                                                          tmp_path):
+  wd = tmp_path / "wd"
+  p = _train_script(str(wd), user_module, *_two_input_config(tmp_path),
+                    "--config.model.inputs=('signal:37','meta:4')")
+  assert p.returncode == 2, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last == (f"error: model '{MOD}:two_inputs': model.inputs=('signal:37', 'meta:4') holds "
+                  "41 values per example, the data 40 (inputs (40,)); the spec's sizes must add "
+                  "up to the data's (user_models.pack_inputs builds both)"), last
+  assert not wd.exists()
+
+
+@pytest.mark.parametrize("spec, bad", [
+    (("signal:37", "meta:3x"), "'meta:3x'"),
+    (("signal", "meta:3"), "'signal'"),
+    (("signal:37", ("meta", "three")), r"\('meta', 'three'\)"),
+    (("signal:0", "meta:40"), "'signal:0'"),
+])
+def test_bad_input_specs_are_one_line(user_module, tmp_path, spec, bad):
+  c = tiny_config("mlp", **{"scores.representation": False})
+  c.model = ml_collections.ConfigDict(dict(name=f"{MOD}:two_inputs", hidden=3, inputs=spec))
+  with pytest.raises(train.ConfigError, match=rf"^model.inputs: bad entry {bad} in .*; need "
+                                              r"'name:d1xd2...' strings"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
