@@ -53,7 +53,8 @@ class Ensemble:
   Attributes:
     model: the Flax module; `model.apply(member_variables, x, train=False)` -> `(logits, out)`.
     variables: stacked `{"params": ..., "batch_stats": ...}` (no "batch_stats" without batch
-      norm), every leaf `[R, ...]`, laid out on this process's devices.
+      norm; a user model's other mutable collections packed into it, `user_models.UserModel`),
+      every leaf `[R, ...]`, laid out on this process's devices.
     apply_fn: `(variables_of_one_member, x [B, ...]) -> (logits [B, C], out)` in evaluation
       mode (`out["layers"]`, `out["pre_logits"]`: see docs/ARCHITECTURE.md).
     state: the stacked `ensemble.MemberState` (optimiser state, `diverged` `[R]`, ...).
