@@ -139,8 +139,15 @@ def main(argv):
   del argv
   ens.split_cpu(0)  # one device per core, as experiments/train.py
   wd = _WORKDIR.value
-  e = posthoc.load_ensemble(wd)
-  depth = np.load(workdir_lib.score_file(wd, "prediction_depth"))
+  depth_file = workdir_lib.score_file(wd, "prediction_depth")
+  try:
+    e = posthoc.load_ensemble(wd)
+  except posthoc.WorkdirError as err:
+    raise SystemExit(f"--workdir: {err}") from None
+  if not os.path.exists(depth_file):
+    raise SystemExit(f"--workdir={wd!r} has no {depth_file}: train it to the end with "
+                     "scores.representation=True (the default)")
+  depth = np.load(depth_file)
   if not np.all(np.isfinite(depth)):
     raise SystemExit(f"{wd}: prediction depths of diverged members are NaN; use a run whose "
                      "members all trained")
